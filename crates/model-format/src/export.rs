@@ -5,11 +5,11 @@
 //! residuals, `GlobalAveragePool`, `Flatten`, `Gemm`, `Relu` between head
 //! layers, and `Softmax`/`Sigmoid` for the probabilities output.
 
-use crate::arch::{BackboneSpec, ConvBn, BN_SUFFIXES};
+use crate::arch::{Backbone, BackboneSpec, ConvBn, BN_SUFFIXES};
 use crate::error::FormatError;
-use crate::manifest::{Io, OutputKind, Preprocessing};
+use crate::manifest::{ArchitectureInfo, Io, Manifest, OutputKind, Precision, Preprocessing, Provenance, FORMAT_VERSION};
 use crate::onnx;
-use crate::weights::{TensorData, TensorSource};
+use crate::weights::{SafeTensorsFile, TensorData, TensorSource};
 
 /// ONNX opset written.
 pub const OPSET: i64 = 13;
@@ -175,6 +175,50 @@ pub fn build_graph(
     })
 }
 
+/// The pretrained network with its original 1000-class ImageNet head, as a
+/// graph and a manifest ready for [`crate::bundle::write`].
+///
+/// `labels` must hold the 1000 ImageNet class names; `source` says where the
+/// weights came from (package, version, license).
+pub fn pretrained_bundle(
+    backbone: Backbone,
+    weights: &SafeTensorsFile,
+    labels: Vec<String>,
+    source: &str,
+    created_by: &str,
+) -> Result<(onnx::GraphProto, Manifest), FormatError> {
+    let spec = backbone.spec();
+    let head = HeadSpec::imagenet(&spec);
+    if labels.len() != head.output_width() {
+        return Err(FormatError::LabelCountMismatch {
+            labels: labels.len(),
+            output_width: head.output_width(),
+            kind: head.output_kind,
+        });
+    }
+    let pre = backbone.preprocessing();
+    let io = default_io(&head);
+    let graph = build_graph(&spec, &head, weights, &pre, &io)?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        labels,
+        preprocessing: pre,
+        io,
+        precision: Precision::F32,
+        quantization: None,
+        metrics: None,
+        architecture: ArchitectureInfo { backbone: backbone.name().into(), drop_blocks: 0, hidden: vec![] },
+        provenance: Provenance {
+            created_by: created_by.into(),
+            backbone_weights_sha256: weights.sha256().into(),
+            backbone_weights_source: source.into(),
+            training: None,
+        },
+        graph_sha256: String::new(),
+    };
+    Ok((graph, manifest))
+}
+
 #[derive(Default)]
 struct Builder {
     nodes: Vec<onnx::NodeProto>,
@@ -323,7 +367,6 @@ fn value_info(name: &str, shape: &[usize]) -> onnx::ValueInfoProto {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::Backbone;
     use std::collections::HashMap;
 
     #[test]

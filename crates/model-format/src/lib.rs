@@ -34,6 +34,7 @@
 
 pub mod arch;
 pub mod bundle;
+pub mod dataset;
 mod error;
 pub mod export;
 pub mod manifest;

@@ -1,0 +1,38 @@
+//! `tern-device`: classify images with a Tern bundle.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Runs Tern bundles on the device with tract.
+#[derive(Parser)]
+#[command(name = "tern-device", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Classify image files.
+    Classify(cmd::classify::Args),
+    /// Print a bundle's manifest.
+    Info(cmd::info::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Classify(a) => cmd::classify::run(a),
+        Command::Info(a) => cmd::info::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
