@@ -1,1 +1,38 @@
-fn main(){}
+//! `tern-host`: train, export and inspect Tern models on a workstation.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+
+/// Transfer learning of MobileNet-family classifiers with libtorch.
+#[derive(Parser)]
+#[command(name = "tern-host", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the pretrained backbone with its ImageNet head as a bundle.
+    ExportPretrained(cmd::export_pretrained::Args),
+    /// Classify images with the pretrained network in libtorch (a reference
+    /// for the device's results).
+    Predict(cmd::predict::Args),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::ExportPretrained(a) => cmd::export_pretrained::run(a),
+        Command::Predict(a) => cmd::predict::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! One module per subcommand.
+
+pub mod export_pretrained;
+pub mod predict;

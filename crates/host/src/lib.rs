@@ -1,0 +1,7 @@
+//! Tern on the workstation: the pretrained backbone in tch, transfer
+//! learning of a new head, and export of bundles through the format crate.
+#![deny(missing_docs)]
+
+pub mod backbone;
+pub mod device;
+pub mod pretrained;
