@@ -4,4 +4,6 @@
 
 pub mod backbone;
 pub mod device;
+pub mod plot;
 pub mod pretrained;
+pub mod viz;

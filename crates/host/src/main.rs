@@ -21,12 +21,21 @@ enum Command {
     /// Classify images with the pretrained network in libtorch (a reference
     /// for the device's results).
     Predict(cmd::predict::Args),
+    /// Feature maps of chosen layers for one photo, as PNG grids.
+    Features(cmd::features::Args),
+    /// An "ideal" image of a class by gradient ascent with a total-variation penalty.
+    Dream(cmd::dream::Args),
+    /// A targeted (or untargeted) adversarial example within an L∞ budget.
+    Attack(cmd::attack::Args),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::ExportPretrained(a) => cmd::export_pretrained::run(a),
         Command::Predict(a) => cmd::predict::run(a),
+        Command::Features(a) => cmd::features::run(a),
+        Command::Dream(a) => cmd::dream::run(a),
+        Command::Attack(a) => cmd::attack::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -83,6 +83,75 @@ impl ImagenetModel {
 
     /// Logits `[N, 1000]` for a batch of preprocessed inputs.
     pub fn logits(&self, x: &tch::Tensor) -> tch::Tensor {
-        tch::no_grad(|| self.backbone.features(x).apply(&self.fc))
+        tch::no_grad(|| self.forward(x))
     }
+
+    /// Logits with the autograd graph kept (gradients flow to `x`; the
+    /// weights are frozen).
+    pub fn forward(&self, x: &tch::Tensor) -> tch::Tensor {
+        self.backbone.features(x).apply(&self.fc)
+    }
+}
+
+/// The pretrained ImageNet network with its labels, for the
+/// visualisations.
+pub struct ImagenetClassifier {
+    /// The network.
+    pub model: ImagenetModel,
+    /// The 1000 class names.
+    pub labels: Vec<String>,
+    /// Its preprocessing.
+    pub preprocessing: tern_model_format::Preprocessing,
+    /// Where it computes.
+    pub device: tch::Device,
+}
+
+impl ImagenetClassifier {
+    /// Loads weights and labels.
+    pub fn load(arch: Arch, weights: &Path, labels: &Path, device: tch::Device) -> Result<Self> {
+        let labels = read_labels(labels)?;
+        if labels.len() != 1000 {
+            bail!("{}: {} labels, expected the 1000 ImageNet classes", "labels", labels.len());
+        }
+        Ok(ImagenetClassifier {
+            model: ImagenetModel::load(arch, weights, device)?,
+            labels,
+            preprocessing: arch.preprocessing(),
+            device,
+        })
+    }
+}
+
+impl crate::viz::Differentiable for ImagenetClassifier {
+    fn forward(&self, x: &tch::Tensor) -> tch::Tensor {
+        self.model.forward(x)
+    }
+    fn backbone(&self) -> &Backbone {
+        &self.model.backbone
+    }
+    fn preprocessing(&self) -> tern_model_format::Preprocessing {
+        self.preprocessing
+    }
+    fn labels(&self) -> &[String] {
+        &self.labels
+    }
+    fn device(&self) -> tch::Device {
+        self.device
+    }
+}
+
+/// Resolves a class given as an index or a label (exact, then
+/// case-insensitive).
+pub fn class_index(labels: &[String], class: &str) -> Result<usize> {
+    if let Ok(i) = class.parse::<usize>() {
+        if i < labels.len() {
+            return Ok(i);
+        }
+        bail!("class index {i} is out of range (0..{})", labels.len());
+    }
+    labels
+        .iter()
+        .position(|l| l == class)
+        .or_else(|| labels.iter().position(|l| l.eq_ignore_ascii_case(class)))
+        .with_context(|| format!("no class named {class:?}"))
 }

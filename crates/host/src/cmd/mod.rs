@@ -1,4 +1,8 @@
 //! One module per subcommand.
 
+pub mod attack;
+pub mod dream;
 pub mod export_pretrained;
+pub mod features;
+pub mod model_args;
 pub mod predict;
