@@ -98,15 +98,21 @@ impl Classifier {
     }
 }
 
-/// Ranks the labels of `out`. A binary sigmoid bundle (two labels, one
-/// output `p`) ranks the second label at `p` and the first at `1 − p`.
-pub fn rank(m: &Manifest, out: &Output, k: usize) -> Vec<Ranked> {
-    let probs: Vec<f32> = if m.io.output_kind == OutputKind::Sigmoid && m.io.output_width == 1 && m.labels.len() == 2 {
+/// One probability per label, in label order. A binary sigmoid bundle (two
+/// labels, one output `p`) gives `[1 − p, p]`.
+pub fn label_probabilities(m: &Manifest, out: &Output) -> Vec<f32> {
+    if m.io.output_kind == OutputKind::Sigmoid && m.io.output_width == 1 && m.labels.len() == 2 {
         let p = out.probabilities.first().copied().unwrap_or(0.0);
         vec![1.0 - p, p]
     } else {
         out.probabilities.clone()
-    };
+    }
+}
+
+/// Ranks the labels of `out`. A binary sigmoid bundle (two labels, one
+/// output `p`) ranks the second label at `p` and the first at `1 − p`.
+pub fn rank(m: &Manifest, out: &Output, k: usize) -> Vec<Ranked> {
+    let probs = label_probabilities(m, out);
     let mut idx: Vec<usize> = (0..probs.len().min(m.labels.len())).collect();
     idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
     idx.into_iter()

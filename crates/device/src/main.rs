@@ -20,6 +20,11 @@ enum Command {
     Classify(cmd::classify::Args),
     /// Print a bundle's manifest.
     Info(cmd::info::Args),
+    /// Classify a camera, video, image folder or synthetic source
+    /// continuously: smoothing, thresholds, events, GPIO, MQTT, hot reload.
+    Run(cmd::run::Args),
+    /// List the cameras and their formats.
+    Cameras(cmd::cameras::Args),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +32,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Classify(a) => cmd::classify::run(a),
         Command::Info(a) => cmd::info::run(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Cameras(a) => cmd::cameras::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,4 +1,6 @@
 //! One module per subcommand.
 
+pub mod cameras;
 pub mod classify;
 pub mod info;
+pub mod run;

@@ -1,0 +1,219 @@
+//! `tern-device run BUNDLE --camera 0 | --folder DIR | ...`: the live loop.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use tern_device::actions::{check_labels, parse_rules, GpioOutputs, PinRule};
+use tern_device::events::{JsonLines, Sink};
+use tern_device::mqtt::{parse_qos, MqttSettings, MqttSink, MqttTarget};
+use tern_device::reload::{Check, Reloader};
+use tern_device::runloop::{self, Backoff, LoopOptions};
+use tern_device::smooth::{Hysteresis, Smoothing};
+use tern_device::source::{FrameSource, ImageFiles, MjpegFile, Synthetic};
+use tern_device::{camera, gpio, Classifier};
+
+/// Arguments of `run`.
+#[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).multiple(false))]
+pub struct Args {
+    /// The bundle (.onnx). Replacing the file (atomic rename) reloads it.
+    bundle: PathBuf,
+    /// Camera index or device (`0`, `/dev/video0`); needs the `camera` feature.
+    #[arg(long, group = "source", value_name = "INDEX|/dev/videoN")]
+    camera: Option<String>,
+    /// A folder of images, in file-name order.
+    #[arg(long, group = "source", value_name = "DIR")]
+    folder: Option<PathBuf>,
+    /// A numbered image sequence, e.g. `frames/%05d.png`.
+    #[arg(long, group = "source", value_name = "PATTERN")]
+    sequence: Option<String>,
+    /// A Motion-JPEG video (`ffmpeg -i in.mp4 -f mjpeg out.mjpeg`).
+    #[arg(long, group = "source", value_name = "FILE")]
+    video: Option<PathBuf>,
+    /// Synthetic frames of solid colours, e.g. `red*20,green,red*20`.
+    #[arg(long, group = "source", value_name = "SCRIPT")]
+    synthetic: Option<String>,
+    /// Camera resolution to ask for.
+    #[arg(long, value_name = "WxH", value_parser = parse_resolution)]
+    resolution: Option<(u32, u32)>,
+    /// Frame rate: asked of the camera; for files and synthetic frames, the
+    /// pace at which they are produced (then only the newest is processed).
+    #[arg(long)]
+    fps: Option<f64>,
+    /// Start files and synthetic scripts again at their end.
+    #[arg(long = "loop")]
+    repeat: bool,
+    /// Stop after this many processed frames.
+    #[arg(long)]
+    frames: Option<u64>,
+    /// Process every frame in order even from a paced source (no dropping).
+    #[arg(long)]
+    no_drop: bool,
+    /// Smoothing: `none`, `ema:ALPHA` or `majority:K`.
+    #[arg(long, default_value = "ema:0.5", value_parser = Smoothing::parse)]
+    smoothing: Smoothing,
+    /// Confidence at which a label becomes active.
+    #[arg(long, default_value_t = 0.6)]
+    on: f32,
+    /// Confidence under which the active label is released.
+    #[arg(long, default_value_t = 0.4)]
+    off: f32,
+    /// Print a `frame` event for every frame, not only label changes.
+    #[arg(long)]
+    every_frame: bool,
+    /// Seconds between `stats` events (0: none).
+    #[arg(long, default_value_t = 10.0)]
+    report_every: f64,
+    /// GPIO outputs: `LABEL=LINE[@MIN_CONFIDENCE],...`; needs the `gpio` feature.
+    #[arg(long, value_name = "RULES")]
+    gpio: Option<String>,
+    /// GPIO chip of the lines.
+    #[arg(long, default_value = "/dev/gpiochip0")]
+    gpio_chip: String,
+    /// Publish events to MQTT: `mqtt://HOST[:PORT]/tern/<device-id>`.
+    #[arg(long, value_name = "URL")]
+    mqtt: Option<String>,
+    /// MQTT QoS of events and state.
+    #[arg(long, default_value = "1", value_parser = parse_qos)]
+    mqtt_qos: rumqttc::QoS,
+    /// Events kept while the broker is away (the oldest are dropped beyond).
+    #[arg(long, default_value_t = 1000)]
+    mqtt_queue: usize,
+    /// Do not watch the bundle file for replacement.
+    #[arg(long)]
+    no_reload: bool,
+    /// Seconds between checks of the bundle file.
+    #[arg(long, default_value_t = 1.0)]
+    reload_interval: f64,
+    /// Longest delay between attempts to reopen a lost camera, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    reopen_max: f64,
+    /// Give up (exit with an error) after this many failed reopen attempts.
+    #[arg(long)]
+    reopen_attempts: Option<u32>,
+    /// No human-readable log lines on stderr.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT"))?;
+    match (w.parse::<u32>(), h.parse::<u32>()) {
+        (Ok(w), Ok(h)) if w > 0 && h > 0 => Ok((w, h)),
+        _ => Err(format!("{s:?}: expected WIDTHxHEIGHT")),
+    }
+}
+
+fn seconds(v: f64, what: &str) -> Result<Duration> {
+    Duration::try_from_secs_f64(v).map_err(|_| anyhow!("{what} {v}: expected a number of seconds >= 0"))
+}
+
+/// Runs the loop until the source ends, `--frames` is reached, or SIGINT /
+/// SIGTERM (then pins go low and MQTT says `offline`).
+pub fn run(a: Args) -> Result<ExitCode> {
+    let thresholds = Hysteresis::new(a.on, a.off).map_err(|e| anyhow!(e))?;
+    let classifier = Classifier::load(&a.bundle)?;
+    let rules = a.gpio.as_deref().map(parse_rules).transpose()?;
+    if let Some(r) = &rules {
+        check_labels(r, &classifier.manifest().labels).with_context(|| format!("bundle {}", a.bundle.display()))?;
+    }
+    let live = a.camera.is_some() || a.fps.is_some();
+    let opts = LoopOptions {
+        smoothing: a.smoothing,
+        thresholds,
+        newest_only: live && !a.no_drop,
+        max_frames: a.frames,
+        report_every: if a.report_every > 0.0 { Some(seconds(a.report_every, "--report-every")?) } else { None },
+        frame_events: a.every_frame,
+        reopen: Backoff {
+            initial: Duration::from_millis(500),
+            max: seconds(a.reopen_max, "--reopen-max")?.max(Duration::from_millis(500)),
+            attempts: a.reopen_attempts,
+        },
+        log: !a.quiet,
+    };
+
+    let mut stdout = JsonLines::new(std::io::stdout(), a.every_frame);
+    let mut gpio_out = match &rules {
+        Some(rules) => Some(open_pins(rules, &a.gpio_chip)?),
+        None => None,
+    };
+    let mut mqtt = match &a.mqtt {
+        Some(url) => {
+            let target = MqttTarget::parse(url)?;
+            let settings = MqttSettings { qos: a.mqtt_qos, queue: a.mqtt_queue, ..MqttSettings::default() };
+            Some(MqttSink::start(target, settings)?)
+        }
+        None => None,
+    };
+    let reloader = if a.no_reload {
+        None
+    } else {
+        let rules = rules.clone().unwrap_or_default();
+        let check: Check = Box::new(move |m: &tern_model_format::Manifest| check_labels(&rules, &m.labels));
+        Some(Reloader::spawn(&a.bundle, seconds(a.reload_interval, "--reload-interval")?, check)?)
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
+    }
+
+    let open = source_opener(&a)?;
+    let mut sinks: Vec<&mut dyn Sink> = vec![&mut stdout];
+    if let Some(g) = &mut gpio_out {
+        sinks.push(g);
+    }
+    if let Some(m) = &mut mqtt {
+        sinks.push(m);
+    }
+    let bundle = a.bundle.display().to_string();
+    let summary = runloop::run(open, classifier, &bundle, &opts, &mut sinks, reloader.as_ref(), &stop)?;
+    if summary.reason.contains("reopen attempts failed") {
+        return Err(anyhow!("{}", summary.reason));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+type Opener = Box<dyn FnOnce() -> Result<Box<dyn FrameSource>> + Send>;
+
+fn source_opener(a: &Args) -> Result<Opener> {
+    let (repeat, fps) = (a.repeat, a.fps);
+    if let Some(dev) = &a.camera {
+        let spec = camera::CameraSpec {
+            device: dev.clone(),
+            resolution: a.resolution,
+            fps: fps.map(|f| f.round().max(1.0) as u32),
+        };
+        return Ok(Box::new(move || camera::open(&spec)));
+    }
+    if let Some(dir) = &a.folder {
+        let src = ImageFiles::folder(dir)?.repeat(repeat).fps(fps);
+        return Ok(Box::new(move || Ok(Box::new(src) as Box<dyn FrameSource>)));
+    }
+    if let Some(pattern) = &a.sequence {
+        let src = ImageFiles::sequence(pattern)?.repeat(repeat).fps(fps);
+        return Ok(Box::new(move || Ok(Box::new(src) as Box<dyn FrameSource>)));
+    }
+    if let Some(path) = &a.video {
+        let src = MjpegFile::open(path)?.repeat(repeat).fps(fps);
+        return Ok(Box::new(move || Ok(Box::new(src) as Box<dyn FrameSource>)));
+    }
+    if let Some(script) = &a.synthetic {
+        let src = Synthetic::parse(script)?.repeat(repeat).fps(fps);
+        return Ok(Box::new(move || Ok(Box::new(src) as Box<dyn FrameSource>)));
+    }
+    Err(anyhow!("no frame source: give --camera, --folder, --sequence, --video or --synthetic"))
+}
+
+fn open_pins(rules: &[PinRule], chip: &str) -> Result<GpioOutputs<gpio::Pin>> {
+    let mut pins = Vec::with_capacity(rules.len());
+    for r in rules {
+        pins.push((r.clone(), gpio::output(chip, r.line)?));
+    }
+    GpioOutputs::new(pins)
+}

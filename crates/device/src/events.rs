@@ -1,0 +1,208 @@
+//! What the loop tells the world: events, and the sinks that receive them
+//! (JSON lines on stdout, MQTT, GPIO pins, tests).
+
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::smooth::Decision;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One event. Serialised as a JSON object with an `event` field naming the
+/// kind (`started`, `label`, `frame`, `stats`, `source`, `reload`,
+/// `stopped`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// The loop started.
+    Started {
+        /// Wall-clock time, ms since the epoch.
+        ts_ms: u64,
+        /// The bundle file.
+        bundle: String,
+        /// The frame source.
+        source: String,
+        /// The bundle's labels.
+        labels: Vec<String>,
+    },
+    /// The active label changed.
+    Label {
+        /// Wall-clock time, ms since the epoch.
+        ts_ms: u64,
+        /// Number of this label event, from 1, so that receivers can spot
+        /// gaps and duplicates.
+        seq: u64,
+        /// Frame that caused the change.
+        frame: u64,
+        /// The new active label; `null` when no label is confident enough.
+        label: Option<String>,
+        /// Its smoothed confidence (of the best label when `label` is null).
+        confidence: f32,
+        /// The label active before.
+        previous: Option<String>,
+    },
+    /// One processed frame (only with `--every-frame`).
+    Frame {
+        /// Wall-clock time, ms since the epoch.
+        ts_ms: u64,
+        /// Frame number given by the source.
+        frame: u64,
+        /// Name of the frame (file name), if it has one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Top-1 label of this frame alone.
+        top: String,
+        /// Its probability.
+        probability: f32,
+        /// The active label after smoothing and thresholds.
+        active: Option<String>,
+        /// Smoothed confidence of the active (or best) label.
+        confidence: f32,
+        /// Preprocessing + inference time, ms.
+        latency_ms: f64,
+        /// Time from capture to decision, ms.
+        age_ms: f64,
+    },
+    /// Throughput and latency since the previous report.
+    Stats {
+        /// Wall-clock time, ms since the epoch.
+        ts_ms: u64,
+        /// Frames processed in the period.
+        frames: u64,
+        /// Frames captured in the period.
+        captured: u64,
+        /// Frames skipped in the period because a newer one was ready.
+        dropped: u64,
+        /// Processed frames per second.
+        fps: f64,
+        /// Mean preprocessing + inference time, ms.
+        latency_ms_mean: f64,
+        /// Longest preprocessing + inference time, ms.
+        latency_ms_max: f64,
+        /// Mean time from capture to decision, ms.
+        age_ms_mean: f64,
+    },
+    /// Something happened to the frame source.
+    Source {
+        /// Wall-clock time, ms since the epoch.
+        ts_ms: u64,
+        /// `bad-frame`, `lost`, `reopened`, `gave-up` or `ended`.
+        state: String,
+        /// What happened, in words.
+        detail: String,
+    },
+    /// A replaced bundle was loaded, or refused.
+    Reload {
+        /// Wall-clock time, ms since the epoch.
+        ts_ms: u64,
+        /// The bundle file.
+        bundle: String,
+        /// Whether the new bundle now runs.
+        ok: bool,
+        /// What was loaded, or why it was refused.
+        detail: String,
+    },
+    /// The loop stopped.
+    Stopped {
+        /// Wall-clock time, ms since the epoch.
+        ts_ms: u64,
+        /// Frames processed.
+        frames: u64,
+        /// Frames skipped because a newer one was ready.
+        dropped: u64,
+        /// Why it stopped.
+        reason: String,
+    },
+}
+
+impl Event {
+    /// The event as one JSON line (no newline).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"event\":\"error\",\"detail\":\"{e}\"}}"))
+    }
+}
+
+/// A receiver of events and per-frame decisions.
+pub trait Sink {
+    /// Handles one event. An error is logged by the loop, which goes on.
+    fn event(&mut self, event: &Event) -> Result<()>;
+
+    /// Sees every frame's decision, with the bundle's labels. Used by
+    /// actuators that follow the active label; the default ignores it.
+    fn decision(&mut self, _decision: &Decision, _labels: &[String]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called once when the loop stops.
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes events as JSON lines.
+pub struct JsonLines<W: Write> {
+    out: W,
+    frames: bool,
+}
+
+impl<W: Write> JsonLines<W> {
+    /// Writes every event to `out`; `frame` events only if `frames`.
+    pub fn new(out: W, frames: bool) -> Self {
+        JsonLines { out, frames }
+    }
+}
+
+impl<W: Write> Sink for JsonLines<W> {
+    fn event(&mut self, event: &Event) -> Result<()> {
+        if matches!(event, Event::Frame { .. }) && !self.frames {
+            return Ok(());
+        }
+        writeln!(self.out, "{}", event.to_json())?;
+        self.out.flush()?;
+        Ok(())
+    }
+}
+
+/// Keeps every event in memory (for tests and tools).
+#[derive(Debug, Default)]
+pub struct Collect {
+    /// The events so far.
+    pub events: Vec<Event>,
+}
+
+impl Sink for Collect {
+    fn event(&mut self, event: &Event) -> Result<()> {
+        self.events.push(event.clone());
+        Ok(())
+    }
+}
+
+impl Collect {
+    /// The labels of the `label` events, in order.
+    pub fn labels(&self) -> Vec<Option<String>> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Label { label, .. } => Some(label.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The active label after each `frame` event.
+    pub fn active_per_frame(&self) -> Vec<Option<String>> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Frame { active, .. } => Some(active.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,531 @@
+//! The capture → classify → decide → act loop.
+//!
+//! A capture thread reads the [`FrameSource`] and hands frames to the
+//! inference thread (the caller's) through a one-frame slot: when
+//! inference is slower than capture, the newest frame replaces the waiting
+//! one (counted as dropped), so the decision follows what the camera sees
+//! now rather than lagging behind. Finite sources (folders, files, tests)
+//! can instead be processed frame by frame.
+//!
+//! A source that is lost (an unplugged camera) is reopened with
+//! exponential back-off while the loop keeps running; a replaced bundle is
+//! swapped in between two frames ([`crate::reload`]).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use tern_model_format::preprocess::preprocess_rgb8;
+
+use crate::engine::{label_probabilities, Classifier};
+use crate::events::{now_ms, Event, Sink};
+use crate::reload::{sleep_unless, Reloaded, Reloader};
+use crate::smooth::{argmax, Gate, Hysteresis, Smoother, Smoothing};
+use crate::source::{Frame, FrameSource, SourceError};
+
+/// Reopen delays after a source is lost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// First delay.
+    pub initial: Duration,
+    /// Longest delay; each failure doubles the delay up to this.
+    pub max: Duration,
+    /// Give up after this many failed reopens (`None`: never).
+    pub attempts: Option<u32>,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { initial: Duration::from_millis(500), max: Duration::from_secs(30), attempts: None }
+    }
+}
+
+/// How the loop runs.
+#[derive(Debug, Clone)]
+pub struct LoopOptions {
+    /// Smoothing over time.
+    pub smoothing: Smoothing,
+    /// Thresholds of the active label.
+    pub thresholds: Hysteresis,
+    /// Process only the newest frame (live sources); otherwise every frame
+    /// in order, the capture thread waiting for inference.
+    pub newest_only: bool,
+    /// Stop after this many processed frames.
+    pub max_frames: Option<u64>,
+    /// Emit a `stats` event this often.
+    pub report_every: Option<Duration>,
+    /// Emit a `frame` event for every frame.
+    pub frame_events: bool,
+    /// Reopen delays for a lost source.
+    pub reopen: Backoff,
+    /// Also write a human-readable line to stderr for source, reload and
+    /// stats events.
+    pub log: bool,
+}
+
+impl Default for LoopOptions {
+    fn default() -> Self {
+        LoopOptions {
+            smoothing: Smoothing::Ema { alpha: 0.5 },
+            thresholds: Hysteresis::default(),
+            newest_only: true,
+            max_frames: None,
+            report_every: Some(Duration::from_secs(10)),
+            frame_events: false,
+            reopen: Backoff::default(),
+            log: false,
+        }
+    }
+}
+
+/// What a finished loop did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    /// Frames classified.
+    pub frames: u64,
+    /// Frames captured.
+    pub captured: u64,
+    /// Frames skipped because a newer one was ready.
+    pub dropped: u64,
+    /// Frames the source could not decode.
+    pub bad_frames: u64,
+    /// Times the source was reopened after being lost.
+    pub reopens: u64,
+    /// Bundles swapped in.
+    pub reloads: u64,
+    /// Replaced bundles refused.
+    pub refused_reloads: u64,
+    /// Frames whose inference failed.
+    pub failed_frames: u64,
+    /// Label events emitted.
+    pub label_events: u64,
+    /// Why the loop stopped.
+    pub reason: String,
+}
+
+#[derive(Default)]
+struct Shared {
+    frames: VecDeque<Frame>,
+    notes: Vec<Event>,
+    /// Set when the capture thread has finished, with the reason.
+    done: Option<String>,
+    captured: u64,
+    dropped: u64,
+    bad_frames: u64,
+    reopens: u64,
+}
+
+struct Slot {
+    state: Mutex<Shared>,
+    ready: Condvar,
+    stop: AtomicBool,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // A panic in the other thread poisons the lock; the data is still
+        // consistent counters and frames.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn note(&self, e: Event) {
+        self.lock().notes.push(e);
+        self.ready.notify_all();
+    }
+}
+
+/// Frames waiting in frame-by-frame mode.
+const QUEUE: usize = 2;
+
+/// Runs the loop until the source ends, `max_frames` is reached, the source
+/// is given up, or `stop` is set.
+///
+/// `open` runs on the capture thread (so the source need not be `Send`);
+/// its error is returned before anything else happens.
+pub fn run<F>(
+    open: F,
+    mut classifier: Classifier,
+    bundle: &str,
+    opts: &LoopOptions,
+    sinks: &mut [&mut dyn Sink],
+    reloader: Option<&Reloader>,
+    stop: &AtomicBool,
+) -> Result<Summary>
+where
+    F: FnOnce() -> Result<Box<dyn FrameSource>> + Send + 'static,
+{
+    let slot = Arc::new(Slot { state: Mutex::new(Shared::default()), ready: Condvar::new(), stop: AtomicBool::new(false) });
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel::<Result<String>>();
+    let capture = {
+        let slot = slot.clone();
+        let (newest_only, backoff) = (opts.newest_only, opts.reopen);
+        std::thread::Builder::new()
+            .name("tern-capture".into())
+            .spawn(move || capture_thread(open, &slot, newest_only, backoff, opened_tx))
+            .context("cannot start the capture thread")?
+    };
+    let described = match opened_rx.recv() {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => {
+            let _ = capture.join();
+            return Err(e);
+        }
+        Err(_) => {
+            let _ = capture.join();
+            return Err(anyhow!("the capture thread stopped before opening the source"));
+        }
+    };
+
+    let mut l = Looper {
+        opts,
+        smoother: Smoother::new(opts.smoothing),
+        gate: Gate::new(opts.thresholds),
+        summary: Summary::default(),
+        period: Period::new(),
+        seq: 0,
+    };
+    l.emit(
+        sinks,
+        Event::Started {
+            ts_ms: now_ms(),
+            bundle: bundle.to_owned(),
+            source: described,
+            labels: classifier.manifest().labels.clone(),
+        },
+    );
+    let mut last_report = Instant::now();
+    let reason = loop {
+        if stop.load(Ordering::Relaxed) {
+            break "stopped".to_owned();
+        }
+        let (frame, notes, done) = {
+            let mut s = slot.lock();
+            if s.frames.is_empty() && s.notes.is_empty() && s.done.is_none() {
+                s = slot.ready.wait_timeout(s, Duration::from_millis(50)).map_or_else(|p| p.into_inner().0, |r| r.0);
+            }
+            let frame = s.frames.pop_front();
+            let notes = std::mem::take(&mut s.notes);
+            let done = if s.frames.is_empty() { s.done.clone() } else { None };
+            (frame, notes, done)
+        };
+        slot.ready.notify_all();
+        for n in notes {
+            l.emit(sinks, n);
+        }
+        if let Some(r) = reloader {
+            if let Some(result) = r.try_take() {
+                l.reload(sinks, r.path(), result, &mut classifier);
+            }
+        }
+        if let Some(frame) = frame {
+            l.frame(sinks, &mut classifier, frame);
+        }
+        if let Some(every) = opts.report_every {
+            if last_report.elapsed() >= every {
+                let (captured, dropped) = {
+                    let s = slot.lock();
+                    (s.captured, s.dropped)
+                };
+                let e = l.period.report(captured, dropped, last_report.elapsed());
+                l.emit(sinks, e);
+                last_report = Instant::now();
+            }
+        }
+        if opts.max_frames.is_some_and(|m| l.summary.frames >= m) {
+            break "frame limit reached".to_owned();
+        }
+        if let Some(d) = done {
+            break d;
+        }
+    };
+
+    slot.stop.store(true, Ordering::Relaxed);
+    slot.ready.notify_all();
+    if capture.join().is_err() {
+        eprintln!("tern-device: the capture thread panicked");
+    }
+    let s = slot.lock();
+    l.summary.captured = s.captured;
+    l.summary.dropped = s.dropped;
+    l.summary.bad_frames = s.bad_frames;
+    l.summary.reopens = s.reopens;
+    drop(s);
+    l.summary.reason = reason.clone();
+    let stopped = Event::Stopped { ts_ms: now_ms(), frames: l.summary.frames, dropped: l.summary.dropped, reason };
+    l.emit(sinks, stopped);
+    for sink in sinks.iter_mut() {
+        if let Err(e) = sink.finish() {
+            eprintln!("tern-device: warning: {e:#}");
+        }
+    }
+    Ok(l.summary)
+}
+
+struct Looper<'a> {
+    opts: &'a LoopOptions,
+    smoother: Smoother,
+    gate: Gate,
+    summary: Summary,
+    period: Period,
+    seq: u64,
+}
+
+impl Looper<'_> {
+    fn emit(&mut self, sinks: &mut [&mut dyn Sink], e: Event) {
+        if self.opts.log {
+            log_line(&e);
+        }
+        for s in sinks.iter_mut() {
+            if let Err(err) = s.event(&e) {
+                eprintln!("tern-device: warning: {err:#}");
+            }
+        }
+    }
+
+    fn frame(&mut self, sinks: &mut [&mut dyn Sink], clf: &mut Classifier, frame: Frame) {
+        let t0 = Instant::now();
+        let pre = clf.manifest().preprocessing;
+        let input = preprocess_rgb8(&frame.image, &pre);
+        let out = match clf.run(&input) {
+            Ok(o) => o,
+            Err(e) => {
+                self.summary.failed_frames += 1;
+                eprintln!("tern-device: warning: frame {}: inference failed: {e:#}", frame.index);
+                return;
+            }
+        };
+        let latency = t0.elapsed();
+        let age = frame.captured.elapsed();
+        self.summary.frames += 1;
+        self.period.add(latency, age);
+        let labels = &clf.manifest().labels;
+        let probs = label_probabilities(clf.manifest(), &out);
+        let smoothed = self.smoother.update(&probs);
+        let d = self.gate.update(&smoothed);
+        for s in sinks.iter_mut() {
+            if let Err(e) = s.decision(&d, labels) {
+                eprintln!("tern-device: warning: {e:#}");
+            }
+        }
+        let name = |i: Option<usize>| i.and_then(|i| labels.get(i)).cloned();
+        let mut events = Vec::new();
+        if d.changed {
+            self.seq += 1;
+            self.summary.label_events += 1;
+            events.push(Event::Label {
+                ts_ms: now_ms(),
+                seq: self.seq,
+                frame: frame.index,
+                label: name(d.active),
+                confidence: d.confidence,
+                previous: name(d.previous),
+            });
+        }
+        if self.opts.frame_events {
+            let top = argmax(&probs);
+            events.push(Event::Frame {
+                ts_ms: now_ms(),
+                frame: frame.index,
+                name: frame.name,
+                top: name(top).unwrap_or_default(),
+                probability: top.map_or(0.0, |i| probs[i]),
+                active: name(d.active),
+                confidence: d.confidence,
+                latency_ms: latency.as_secs_f64() * 1e3,
+                age_ms: age.as_secs_f64() * 1e3,
+            });
+        }
+        for e in events {
+            self.emit(sinks, e);
+        }
+    }
+
+    fn reload(&mut self, sinks: &mut [&mut dyn Sink], path: &std::path::Path, r: Reloaded, clf: &mut Classifier) {
+        let bundle = path.display().to_string();
+        let e = match r {
+            Reloaded::Ready { classifier, detail } => {
+                let same_labels = classifier.manifest().labels == clf.manifest().labels;
+                *clf = *classifier;
+                self.summary.reloads += 1;
+                if !same_labels {
+                    // Old smoothed scores mean nothing for new labels.
+                    self.smoother.reset();
+                    self.gate.reset();
+                }
+                Event::Reload { ts_ms: now_ms(), bundle, ok: true, detail: format!("now running {detail}") }
+            }
+            Reloaded::Refused { detail } => {
+                self.summary.refused_reloads += 1;
+                Event::Reload {
+                    ts_ms: now_ms(),
+                    bundle,
+                    ok: false,
+                    detail: format!("refused, the previous bundle keeps running: {detail}"),
+                }
+            }
+        };
+        self.emit(sinks, e);
+    }
+}
+
+fn log_line(e: &Event) {
+    match e {
+        Event::Source { state, detail, .. } => eprintln!("tern-device: source {state}: {detail}"),
+        Event::Reload { ok, detail, .. } => {
+            eprintln!("tern-device: reload {}: {detail}", if *ok { "done" } else { "refused" })
+        }
+        Event::Stats { fps, latency_ms_mean, latency_ms_max, dropped, frames, .. } => eprintln!(
+            "tern-device: {fps:.1} fps, latency {latency_ms_mean:.1} ms mean / {latency_ms_max:.1} ms max, \
+             {frames} frames, {dropped} dropped"
+        ),
+        Event::Started { source, bundle, .. } => eprintln!("tern-device: running {bundle} on {source}"),
+        Event::Stopped { reason, frames, .. } => eprintln!("tern-device: stopped after {frames} frames: {reason}"),
+        Event::Label { .. } | Event::Frame { .. } => {}
+    }
+}
+
+/// Latency figures of one report period.
+struct Period {
+    frames: u64,
+    latency_sum: Duration,
+    latency_max: Duration,
+    age_sum: Duration,
+    captured_before: u64,
+    dropped_before: u64,
+}
+
+impl Period {
+    fn new() -> Period {
+        Period {
+            frames: 0,
+            latency_sum: Duration::ZERO,
+            latency_max: Duration::ZERO,
+            age_sum: Duration::ZERO,
+            captured_before: 0,
+            dropped_before: 0,
+        }
+    }
+
+    fn add(&mut self, latency: Duration, age: Duration) {
+        self.frames += 1;
+        self.latency_sum += latency;
+        self.latency_max = self.latency_max.max(latency);
+        self.age_sum += age;
+    }
+
+    fn report(&mut self, captured: u64, dropped: u64, elapsed: Duration) -> Event {
+        let n = self.frames.max(1) as f64;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let e = Event::Stats {
+            ts_ms: now_ms(),
+            frames: self.frames,
+            captured: captured - self.captured_before,
+            dropped: dropped - self.dropped_before,
+            fps: self.frames as f64 / elapsed.as_secs_f64().max(1e-9),
+            latency_ms_mean: ms(self.latency_sum) / n,
+            latency_ms_max: ms(self.latency_max),
+            age_ms_mean: ms(self.age_sum) / n,
+        };
+        *self = Period { captured_before: captured, dropped_before: dropped, ..Period::new() };
+        e
+    }
+}
+
+fn capture_thread<F>(
+    open: F,
+    slot: &Slot,
+    newest_only: bool,
+    backoff: Backoff,
+    opened: std::sync::mpsc::Sender<Result<String>>,
+) where
+    F: FnOnce() -> Result<Box<dyn FrameSource>>,
+{
+    let mut src = match open() {
+        Ok(s) => {
+            let _ = opened.send(Ok(s.describe()));
+            s
+        }
+        Err(e) => {
+            let _ = opened.send(Err(e));
+            return;
+        }
+    };
+    let source_event = |state: &str, detail: String| Event::Source { ts_ms: now_ms(), state: state.into(), detail };
+    let finish = |reason: String| {
+        slot.lock().done = Some(reason);
+        slot.ready.notify_all();
+    };
+    while !slot.stop.load(Ordering::Relaxed) {
+        match src.next_frame() {
+            Ok(Some(frame)) => {
+                let mut s = slot.lock();
+                s.captured += 1;
+                if newest_only {
+                    s.dropped += s.frames.len() as u64;
+                    s.frames.clear();
+                } else {
+                    while s.frames.len() >= QUEUE && !slot.stop.load(Ordering::Relaxed) {
+                        s = slot.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+                s.frames.push_back(frame);
+                drop(s);
+                slot.ready.notify_all();
+            }
+            Ok(None) => {
+                slot.note(source_event("ended", format!("{} has no more frames", src.describe())));
+                finish("the source ended".into());
+                return;
+            }
+            Err(SourceError::BadFrame(e)) => {
+                slot.lock().bad_frames += 1;
+                slot.note(source_event("bad-frame", format!("{e:#} (skipped)")));
+            }
+            Err(SourceError::Lost(e)) => {
+                let mut delay = backoff.initial;
+                slot.note(source_event(
+                    "lost",
+                    format!("{}: {e:#}; reopening in {:.1} s", src.describe(), delay.as_secs_f64()),
+                ));
+                let mut failures = 0u32;
+                loop {
+                    sleep_unless(&slot.stop, delay);
+                    if slot.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    match src.reopen() {
+                        Ok(()) => {
+                            slot.lock().reopens += 1;
+                            slot.note(source_event(
+                                "reopened",
+                                format!("{} after {} failed attempt(s)", src.describe(), failures),
+                            ));
+                            break;
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            if backoff.attempts.is_some_and(|a| failures >= a) {
+                                slot.note(source_event(
+                                    "gave-up",
+                                    format!("{}: {e:#}; {failures} reopen attempts failed", src.describe()),
+                                ));
+                                finish(format!("the source was lost and {failures} reopen attempts failed"));
+                                return;
+                            }
+                            delay = (delay * 2).min(backoff.max);
+                            slot.note(source_event(
+                                "lost",
+                                format!(
+                                    "reopen attempt {failures} failed: {e:#}; next in {:.1} s",
+                                    delay.as_secs_f64()
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Hot reload: the bundle file is replaced while the loop runs. A bad
+//! replacement (garbage, a truncated bundle, a bundle without the labels
+//! the GPIO rules need) is refused and the running bundle goes on; a good
+//! one is swapped in without stopping.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use support::*;
+use tern_device::actions::{check_labels, parse_rules};
+use tern_device::events::{Event, Sink};
+use tern_device::reload::{Check, Reloader};
+use tern_device::runloop::{self, LoopOptions};
+use tern_device::smooth::Smoothing;
+use tern_device::source::{FrameSource, Synthetic};
+use tern_device::Classifier;
+
+/// Replaces the bundle step by step as the loop reports back, and stops the
+/// loop once the last step is seen.
+struct Script {
+    bundle: PathBuf,
+    dir: PathBuf,
+    step: usize,
+    frames: u64,
+    stop: Arc<AtomicBool>,
+    reloads: Vec<(bool, String)>,
+    labels: Vec<Option<String>>,
+    labels_at_reload: Vec<usize>,
+    started: Instant,
+}
+
+/// Writes `bytes` as the bundle by an atomic rename, as a deploy would.
+fn replace(bundle: &Path, dir: &Path, bytes: &[u8]) {
+    let tmp = dir.join("incoming.onnx");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, bundle).unwrap();
+}
+
+impl Script {
+    fn next_step(&mut self) {
+        let good = std::fs::read(self.dir.join("good-fr.onnx")).unwrap();
+        let wrong_labels = std::fs::read(self.dir.join("wrong-labels.onnx")).unwrap();
+        match self.step {
+            0 => replace(&self.bundle, &self.dir, b"this is not an ONNX file"),
+            1 => replace(&self.bundle, &self.dir, &good[..good.len() / 2]),
+            2 => replace(&self.bundle, &self.dir, &wrong_labels),
+            3 => replace(&self.bundle, &self.dir, &good),
+            _ => {}
+        }
+        self.step += 1;
+    }
+}
+
+impl Sink for Script {
+    fn event(&mut self, e: &Event) -> Result<()> {
+        assert!(self.started.elapsed() < Duration::from_secs(60), "reload test took over a minute: {:?}", self.reloads);
+        match e {
+            Event::Frame { .. } => {
+                self.frames += 1;
+                if self.frames == 20 {
+                    self.next_step();
+                }
+            }
+            Event::Reload { ok, detail, .. } => {
+                self.reloads.push((*ok, detail.clone()));
+                self.labels_at_reload.push(self.labels.len());
+                if *ok {
+                    // Let the new model decide a few frames, then stop.
+                    self.step = 99;
+                } else {
+                    self.next_step();
+                }
+            }
+            Event::Label { label, .. } => {
+                self.labels.push(label.clone());
+                if label.as_deref() == Some("rouge") {
+                    self.stop.store(true, Ordering::Relaxed);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn bad_bundles_are_refused_and_a_good_one_is_swapped_in_without_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("live.onnx");
+    color_bundle(&bundle, COLORS, 10.0);
+    // The good replacement: same network, French labels, so the swap shows.
+    color_bundle(&dir.path().join("good-fr.onnx"), ["rouge", "vert", "bleu"], 10.0);
+    // A valid bundle that lacks the label the GPIO rule needs.
+    color_bundle(&dir.path().join("wrong-labels.onnx"), ["cyan", "magenta", "yellow"], 10.0);
+
+    // A GPIO rule on `red` (or `rouge`, its French name): a bundle with
+    // neither label would leave the pin dead, so it must be refused.
+    let rules = parse_rules("red=17,rouge=18").unwrap();
+    let check: Check = Box::new(move |m: &tern_model_format::Manifest| {
+        if rules.iter().any(|r| m.labels.contains(&r.label)) {
+            Ok(())
+        } else {
+            check_labels(&rules[..1], &m.labels)
+        }
+    });
+    let reloader = Reloader::spawn(&bundle, Duration::from_millis(30), check).unwrap();
+    let clf = Classifier::load(&bundle).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut script = Script {
+        bundle: bundle.clone(),
+        dir: dir.path().to_owned(),
+        step: 0,
+        frames: 0,
+        stop: stop.clone(),
+        reloads: vec![],
+        labels: vec![],
+        labels_at_reload: vec![],
+        started: Instant::now(),
+    };
+    let src = Synthetic::parse("red").unwrap().repeat(true).fps(Some(200.0));
+    let opts = LoopOptions {
+        smoothing: Smoothing::None,
+        frame_events: true,
+        report_every: None,
+        max_frames: Some(20_000),
+        ..LoopOptions::default()
+    };
+    let summary = runloop::run(
+        move || Ok(Box::new(src) as Box<dyn FrameSource>),
+        clf,
+        "live.onnx",
+        &opts,
+        &mut [&mut script],
+        Some(&reloader),
+        &stop,
+    )
+    .unwrap();
+
+    let oks: Vec<bool> = script.reloads.iter().map(|r| r.0).collect();
+    assert_eq!(oks, [false, false, false, true], "{:#?}", script.reloads);
+    let why = |i: usize| script.reloads[i].1.as_str();
+    assert!(why(0).contains("live.onnx") && why(0).contains("refused"), "{}", why(0));
+    assert!(why(1).contains("truncated") || why(1).contains("remain"), "{}", why(1));
+    assert!(why(2).contains("does not have") && why(2).contains("red"), "{}", why(2));
+    assert!(why(3).contains("3 labels"), "{}", why(3));
+    // The old bundle ran on through every refusal: one `red` and nothing
+    // else until the good bundle came; then its own label.
+    assert_eq!(script.labels_at_reload[..3], [1, 1, 1]);
+    assert_eq!(script.labels, vec![Some("red".into()), Some("rouge".into())]);
+    assert_eq!((summary.reloads, summary.refused_reloads), (1, 3));
+    assert_eq!(summary.reason, "stopped");
+    assert_eq!(summary.failed_frames, 0);
+}
+
+#[test]
+fn the_reloader_ignores_an_unchanged_file_and_a_missing_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("b.onnx");
+    color_bundle(&bundle, COLORS, 10.0);
+    let r = Reloader::spawn(&bundle, Duration::from_millis(10), Box::new(|_: &tern_model_format::Manifest| Ok(()))).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(r.try_take().is_none(), "nothing changed");
+    std::fs::remove_file(&bundle).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(r.try_take().is_none(), "a missing file is not a reload");
+    color_bundle(&bundle, ["a", "b", "c"], 10.0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(tern_device::reload::Reloaded::Ready { classifier, .. }) = r.try_take() {
+            assert_eq!(classifier.manifest().labels, ["a", "b", "c"]);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new bundle was not loaded");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

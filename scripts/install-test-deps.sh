@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Installs the system packages the test suite needs beyond the Rust and
+# Python toolchains, from Debian 12 (bookworm) packages:
+#
+#   mosquitto   the MQTT broker that crates/device/tests/mqtt.rs starts on a
+#               loopback port (the tests only run the binary; the packaged
+#               service is not started here)
+#
+# Idempotent: when every package is already installed it returns without
+# touching apt. Must run as root (or with sudo available).
+#
+#   scripts/install-test-deps.sh
+set -euo pipefail
+
+PACKAGES=(mosquitto)
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || { echo "error: run as root or install sudo" >&2; exit 1; }
+  SUDO=(sudo)
+fi
+
+installed() {
+  [[ $(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null) == installed ]]
+}
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  installed "$p" || missing+=("$p")
+done
+
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  "${SUDO[@]}" apt-get update -q
+  # Where the package's own service starts, it listens on port 1883; the
+  # tests start their own brokers on free ports, so either way is fine.
+  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "test dependencies already installed"
+fi
+command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || { echo "error: mosquitto missing after install" >&2; exit 1; }
+echo "mosquitto: $(/usr/sbin/mosquitto -h 2>/dev/null | head -n1 || true)"
