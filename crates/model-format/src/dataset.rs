@@ -41,6 +41,28 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// Keeps at most `max` samples per class in each split, the first ones
+    /// in the dataset's order (quick runs on a subset; host and device cut
+    /// the same way).
+    pub fn limit_per_class(mut self, max: Option<usize>) -> Dataset {
+        if let Some(max) = max {
+            let n = self.classes.len();
+            let cut = |v: Vec<Sample>| {
+                let mut seen = vec![0usize; n];
+                v.into_iter()
+                    .filter(|s| {
+                        let k = &mut seen[s.label.min(n.saturating_sub(1))];
+                        *k += 1;
+                        *k <= max
+                    })
+                    .collect()
+            };
+            self.train = cut(self.train);
+            self.val = cut(self.val);
+        }
+        self
+    }
+
     /// Samples per class in `samples`.
     pub fn counts(&self, samples: &[Sample]) -> Vec<usize> {
         let mut c = vec![0; self.classes.len()];

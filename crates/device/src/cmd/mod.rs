@@ -2,5 +2,6 @@
 
 pub mod cameras;
 pub mod classify;
+pub mod eval;
 pub mod info;
 pub mod run;

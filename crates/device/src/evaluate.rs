@@ -1,0 +1,67 @@
+//! Accuracy of a bundle on a labelled ImageFolder, on the device's own code
+//! path (the shared preprocessing, tract).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use tern_model_format::dataset::Sample;
+use tern_model_format::preprocess::{open_image, preprocess};
+
+use crate::Classifier;
+
+/// The result for one image.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImageResult {
+    /// The file.
+    pub path: PathBuf,
+    /// True label index.
+    pub label: usize,
+    /// Predicted label index (top-1).
+    pub predicted: usize,
+    /// Probability of each label, as ranked on the device (for a one-unit
+    /// sigmoid bundle: `[1 − p, p]`).
+    pub probabilities: Vec<f32>,
+}
+
+/// Checks that the data set's classes are the bundle's labels, in order.
+pub fn check_labels(clf: &Classifier, classes: &[String]) -> Result<()> {
+    let labels = &clf.manifest().labels;
+    if labels != classes {
+        bail!("the data set's classes {classes:?} are not the bundle's labels {labels:?} (same names, same order)");
+    }
+    Ok(())
+}
+
+/// Classifies every sample; `each` sees every result as it comes. Files
+/// that cannot be read are returned with the reason, not fatal.
+pub fn evaluate(
+    clf: &mut Classifier,
+    samples: &[Sample],
+    mut each: impl FnMut(&ImageResult),
+) -> Result<(Vec<ImageResult>, Vec<(PathBuf, String)>)> {
+    let pre = clf.manifest().preprocessing;
+    let mut results = Vec::with_capacity(samples.len());
+    let mut skipped = Vec::new();
+    for s in samples {
+        let img = match open_image(&s.path) {
+            Ok(img) => img,
+            Err(e) => {
+                skipped.push((s.path.clone(), e.to_string()));
+                continue;
+            }
+        };
+        let out = clf.run(&preprocess(&img, &pre))?;
+        let mut ranked = clf.top_k(&out, usize::MAX);
+        let predicted = ranked.first().map_or(0, |r| r.index);
+        ranked.sort_by_key(|r| r.index);
+        let r = ImageResult {
+            path: s.path.clone(),
+            label: s.label,
+            predicted,
+            probabilities: ranked.iter().map(|r| r.probability).collect(),
+        };
+        each(&r);
+        results.push(r);
+    }
+    Ok((results, skipped))
+}
