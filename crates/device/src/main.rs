@@ -18,8 +18,6 @@ struct Cli {
 enum Command {
     /// Classify image files.
     Classify(cmd::classify::Args),
-    /// Accuracy on a labelled ImageFolder (the split `tern-host train` used).
-    Eval(cmd::eval::Args),
     /// Print a bundle's manifest.
     Info(cmd::info::Args),
     /// Classify a camera, video, image folder or synthetic source
@@ -27,16 +25,19 @@ enum Command {
     Run(cmd::run::Args),
     /// List the cameras and their formats.
     Cameras(cmd::cameras::Args),
+    /// Measure a bundle: cold start, latency percentiles, throughput, peak
+    /// memory, size; optionally a per-operator profile.
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Classify(a) => cmd::classify::run(a),
-        Command::Eval(a) => cmd::eval::run(a),
         Command::Info(a) => cmd::info::run(a),
         Command::Run(a) => cmd::run::run(a),
         Command::Cameras(a) => cmd::cameras::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(code) => code,
