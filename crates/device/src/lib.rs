@@ -16,6 +16,7 @@ pub mod reload;
 pub mod runloop;
 pub mod smooth;
 pub mod source;
+pub mod evaluate;
 pub mod npy;
 pub mod perf;
 

@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Classify image files.
     Classify(cmd::classify::Args),
+    /// Accuracy on a labelled ImageFolder (the split `tern-host train` used).
+    Eval(cmd::eval::Args),
     /// Print a bundle's manifest.
     Info(cmd::info::Args),
     /// Classify a camera, video, image folder or synthetic source
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Classify(a) => cmd::classify::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
         Command::Info(a) => cmd::info::run(a),
         Command::Run(a) => cmd::run::run(a),
         Command::Cameras(a) => cmd::cameras::run(a),

@@ -3,5 +3,6 @@
 pub mod bench;
 pub mod cameras;
 pub mod classify;
+pub mod eval;
 pub mod info;
 pub mod run;
