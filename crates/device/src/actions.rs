@@ -24,12 +24,14 @@ pub struct PinRule {
 pub fn parse_rules(s: &str) -> Result<Vec<PinRule>> {
     let mut rules: Vec<PinRule> = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let (label, rest) = item.rsplit_once('=').ok_or_else(|| anyhow!("--gpio item {item:?}: expected LABEL=LINE[@MIN]"))?;
+        let (label, rest) =
+            item.rsplit_once('=').ok_or_else(|| anyhow!("--gpio item {item:?}: expected LABEL=LINE[@MIN]"))?;
         let (line, min) = match rest.split_once('@') {
             Some((l, m)) => (l, Some(m)),
             None => (rest, None),
         };
-        let line: u32 = line.trim().parse().map_err(|_| anyhow!("--gpio item {item:?}: {line:?} is not a line number"))?;
+        let line: u32 =
+            line.trim().parse().map_err(|_| anyhow!("--gpio item {item:?}: {line:?} is not a line number"))?;
         let min_confidence = match min {
             Some(m) => {
                 let v: f32 = m.trim().parse().map_err(|_| anyhow!("--gpio item {item:?}: {m:?} is not a number"))?;

@@ -306,9 +306,7 @@ impl MqttSink {
         if !delivered_all {
             eprintln!(
                 "tern-device: mqtt: {} event(s) not delivered to {}:{} before exit",
-                stats.queued,
-                self.target.host,
-                self.target.port
+                stats.queued, self.target.host, self.target.port
             );
         }
         let connected = {
@@ -511,7 +509,9 @@ mod tests {
         assert_eq!((t.port, t.base.as_str()), (1883, "tern/x"));
         let t = MqttTarget::parse("mqtt://[::1]:1999/a").unwrap();
         assert_eq!((t.host.as_str(), t.port), ("::1", 1999));
-        for bad in ["http://h/t", "mqtt://h", "mqtt://h:x/t", "mqtt:///t", "mqtt://h/t/#", "mqtt://u:p@h/t", "mqtt://h/a//b"] {
+        for bad in
+            ["http://h/t", "mqtt://h", "mqtt://h:x/t", "mqtt:///t", "mqtt://h/t/#", "mqtt://u:p@h/t", "mqtt://h/a//b"]
+        {
             assert!(MqttTarget::parse(bad).is_err(), "{bad}");
         }
     }

@@ -156,7 +156,8 @@ pub fn run<F>(
 where
     F: FnOnce() -> Result<Box<dyn FrameSource>> + Send + 'static,
 {
-    let slot = Arc::new(Slot { state: Mutex::new(Shared::default()), ready: Condvar::new(), stop: AtomicBool::new(false) });
+    let slot =
+        Arc::new(Slot { state: Mutex::new(Shared::default()), ready: Condvar::new(), stop: AtomicBool::new(false) });
     let (opened_tx, opened_rx) = std::sync::mpsc::channel::<Result<String>>();
     let capture = {
         let slot = slot.clone();

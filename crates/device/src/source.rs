@@ -210,15 +210,7 @@ impl MjpegFile {
     /// Opens `path`.
     pub fn open(path: &Path) -> Result<MjpegFile> {
         let file = File::open(path).with_context(|| format!("cannot open video {}", path.display()))?;
-        Ok(MjpegFile {
-            path: path.to_owned(),
-            file,
-            buf: Vec::new(),
-            eof: false,
-            index: 0,
-            repeat: false,
-            pace: None,
-        })
+        Ok(MjpegFile { path: path.to_owned(), file, buf: Vec::new(), eof: false, index: 0, repeat: false, pace: None })
     }
 
     /// Starts again at the first frame after the last one.
@@ -480,7 +472,13 @@ impl Synthetic {
 
 impl FrameSource for Synthetic {
     fn describe(&self) -> String {
-        format!("synthetic ({} frames{}, {}x{})", self.script.len(), if self.repeat { ", looped" } else { "" }, self.width, self.height)
+        format!(
+            "synthetic ({} frames{}, {}x{})",
+            self.script.len(),
+            if self.repeat { ", looped" } else { "" },
+            self.width,
+            self.height
+        )
     }
 
     fn next_frame(&mut self) -> Result<Option<Frame>, SourceError> {
@@ -543,7 +541,8 @@ mod tests {
     #[test]
     fn synthetic_script() {
         let mut s = Synthetic::parse("red*2, #0000ff").unwrap().noise(0).size(4, 3);
-        let colours: Vec<[u8; 3]> = std::iter::from_fn(|| s.next_frame().unwrap()).map(|f| f.image.get_pixel(1, 1).0).collect();
+        let colours: Vec<[u8; 3]> =
+            std::iter::from_fn(|| s.next_frame().unwrap()).map(|f| f.image.get_pixel(1, 1).0).collect();
         assert_eq!(colours, vec![[220, 30, 30], [220, 30, 30], [0, 0, 255]]);
         assert!(Synthetic::parse("red*x").is_err());
         assert!(Synthetic::parse("mauve").is_err());
@@ -552,10 +551,8 @@ mod tests {
 
     #[test]
     fn synthetic_loss_and_reopen() {
-        let mut s = Synthetic::parse("red")
-            .unwrap()
-            .repeat(true)
-            .lose_after(Some(LoseAfter { frames: 2, failed_reopens: 1 }));
+        let mut s =
+            Synthetic::parse("red").unwrap().repeat(true).lose_after(Some(LoseAfter { frames: 2, failed_reopens: 1 }));
         assert!(s.next_frame().unwrap().is_some());
         assert!(s.next_frame().unwrap().is_some());
         assert!(matches!(s.next_frame(), Err(SourceError::Lost(_))));

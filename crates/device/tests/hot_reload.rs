@@ -162,7 +162,8 @@ fn the_reloader_ignores_an_unchanged_file_and_a_missing_one() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("b.onnx");
     color_bundle(&bundle, COLORS, 10.0);
-    let r = Reloader::spawn(&bundle, Duration::from_millis(10), Box::new(|_: &tern_model_format::Manifest| Ok(()))).unwrap();
+    let r = Reloader::spawn(&bundle, Duration::from_millis(10), Box::new(|_: &tern_model_format::Manifest| Ok(())))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert!(r.try_take().is_none(), "nothing changed");
     std::fs::remove_file(&bundle).unwrap();

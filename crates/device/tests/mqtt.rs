@@ -47,9 +47,8 @@ impl Subscriber {
                         let _ = tx.send(());
                     }
                     Ok(Ok(MqttEvent::Incoming(Packet::Publish(p)))) => {
-                        let v: Value = serde_json::from_slice(&p.payload).unwrap_or(Value::String(
-                            String::from_utf8_lossy(&p.payload).into_owned(),
-                        ));
+                        let v: Value = serde_json::from_slice(&p.payload)
+                            .unwrap_or(Value::String(String::from_utf8_lossy(&p.payload).into_owned()));
                         g.lock().unwrap().push((p.topic.clone(), v, p.retain));
                     }
                     Ok(Ok(_)) => {}
@@ -193,14 +192,13 @@ fn run_publishes_events_and_the_retained_state() {
         s.got.lock().unwrap().iter().any(|(_, v, _)| v["event"] == "stopped")
     });
     let got = sub.got.lock().unwrap().clone();
-    let events: Vec<&Value> =
-        got.iter().filter(|(t, _, _)| t == "tern/cli-device/events").map(|(_, v, _)| v).collect();
+    let events: Vec<&Value> = got.iter().filter(|(t, _, _)| t == "tern/cli-device/events").map(|(_, v, _)| v).collect();
     let kinds: Vec<&str> = events.iter().map(|v| v["event"].as_str().unwrap()).collect();
     assert_eq!(kinds.first(), Some(&"started"));
-    let labels: Vec<&str> = events.iter().filter(|v| v["event"] == "label").map(|v| v["label"].as_str().unwrap()).collect();
+    let labels: Vec<&str> =
+        events.iter().filter(|v| v["event"] == "label").map(|v| v["label"].as_str().unwrap()).collect();
     assert_eq!(labels, ["red", "blue"]);
-    let states: Vec<&Value> =
-        got.iter().filter(|(t, _, _)| t == "tern/cli-device/state").map(|(_, v, _)| v).collect();
+    let states: Vec<&Value> = got.iter().filter(|(t, _, _)| t == "tern/cli-device/state").map(|(_, v, _)| v).collect();
     assert_eq!(states.last().map(|s| &s["label"]), Some(&Value::from("blue")));
     // The status topic says online, then offline at the end.
     let status: Vec<String> = got

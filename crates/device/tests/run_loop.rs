@@ -38,8 +38,7 @@ fn run_synthetic(script: &str, o: &LoopOptions, sinks: &mut [&mut dyn Sink]) -> 
     let clf = Classifier::load(&bundle).unwrap();
     let src = Synthetic::parse(script).unwrap();
     let stop = AtomicBool::new(false);
-    runloop::run(move || Ok(Box::new(src) as Box<dyn FrameSource>), clf, "colour.onnx", o, sinks, None, &stop)
-        .unwrap()
+    runloop::run(move || Ok(Box::new(src) as Box<dyn FrameSource>), clf, "colour.onnx", o, sinks, None, &stop).unwrap()
 }
 
 fn some(v: &[&str]) -> Vec<Option<String>> {
@@ -98,11 +97,8 @@ fn gpio_pins_follow_the_active_label() {
         Transaction::set(State::High), // red again
         Transaction::set(State::Low),  // loop end: all low
     ]);
-    let blue = PinMock::new(&[
-        Transaction::set(State::Low),
-        Transaction::set(State::High),
-        Transaction::set(State::Low),
-    ]);
+    let blue =
+        PinMock::new(&[Transaction::set(State::Low), Transaction::set(State::High), Transaction::set(State::Low)]);
     let rules = [
         PinRule { label: "red".into(), line: 17, min_confidence: 0.0 },
         PinRule { label: "blue".into(), line: 27, min_confidence: 0.9 },
@@ -190,9 +186,7 @@ fn the_newest_frame_wins_when_inference_is_slower_than_capture() {
 fn a_lost_source_is_reopened_with_back_off_and_the_loop_goes_on() {
     let (_dir, bundle) = color_bundle_in_tempdir();
     let clf = Classifier::load(&bundle).unwrap();
-    let src = Synthetic::parse("green*30")
-        .unwrap()
-        .lose_after(Some(LoseAfter { frames: 10, failed_reopens: 3 }));
+    let src = Synthetic::parse("green*30").unwrap().lose_after(Some(LoseAfter { frames: 10, failed_reopens: 3 }));
     let mut events = Collect::default();
     let stop = AtomicBool::new(false);
     let s = runloop::run(
@@ -319,7 +313,10 @@ fn run_on_an_image_folder_gives_the_expected_labels_and_skips_a_corrupt_file() {
     let labels: Vec<&str> = of("label").iter().map(|l| l["label"].as_str().unwrap()).collect();
     assert_eq!(labels, ["red", "green", "blue"]);
     let bad = of("source");
-    assert!(bad.iter().any(|s| s["state"] == "bad-frame" && s["detail"].as_str().unwrap().contains("03.png")), "{bad:?}");
+    assert!(
+        bad.iter().any(|s| s["state"] == "bad-frame" && s["detail"].as_str().unwrap().contains("03.png")),
+        "{bad:?}"
+    );
     assert!(stderr.contains("03.png"), "a clear log line: {stderr}");
     assert_eq!(of("stopped").len(), 1);
 }

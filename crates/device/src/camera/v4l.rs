@@ -56,21 +56,24 @@ pub fn list() -> Result<Vec<CameraInfo>> {
     let mut out = Vec::new();
     for info in found {
         let index = info.index().as_string();
-        let formats = match Camera::new(info.index().clone(), RequestedFormat::new::<RgbFormat>(RequestedFormatType::None))
-            .and_then(|mut c| c.compatible_camera_formats())
-        {
-            Ok(fs) => fs.iter().map(|f| format!("{} {}x{}@{}", f.format(), f.width(), f.height(), f.frame_rate())).collect(),
-            Err(e) => vec![format!("(cannot query formats: {e})")],
-        };
+        let formats =
+            match Camera::new(info.index().clone(), RequestedFormat::new::<RgbFormat>(RequestedFormatType::None))
+                .and_then(|mut c| c.compatible_camera_formats())
+            {
+                Ok(fs) => fs
+                    .iter()
+                    .map(|f| format!("{} {}x{}@{}", f.format(), f.width(), f.height(), f.frame_rate()))
+                    .collect(),
+                Err(e) => vec![format!("(cannot query formats: {e})")],
+            };
         out.push(CameraInfo { index, name: info.human_name(), description: info.description().to_owned(), formats });
     }
     Ok(out)
 }
 
 fn has_video_devices() -> bool {
-    std::fs::read_dir("/dev").map_or(false, |d| {
-        d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("video"))
-    })
+    std::fs::read_dir("/dev")
+        .map_or(false, |d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("video")))
 }
 
 /// Parses `2` or `/dev/video2`.
@@ -113,7 +116,14 @@ impl FrameSource for V4lCamera {
         match &self.camera {
             Some(c) => {
                 let f = c.camera_format();
-                format!("camera /dev/video{} ({} {}x{}@{})", self.index, f.format(), f.width(), f.height(), f.frame_rate())
+                format!(
+                    "camera /dev/video{} ({} {}x{}@{})",
+                    self.index,
+                    f.format(),
+                    f.width(),
+                    f.height(),
+                    f.frame_rate()
+                )
             }
             None => format!("camera /dev/video{}", self.index),
         }

@@ -19,13 +19,7 @@ pub const COLORS: [&str; 3] = ["red", "green", "blue"];
 /// identity) and softmax. `labels` names the outputs (red, green, blue
 /// channel, in that order). Input 16×16, no normalisation.
 pub fn color_bundle(path: &Path, labels: [&str; 3], gain: f32) {
-    let pre = Preprocessing {
-        width: 16,
-        height: 16,
-        resize: ResizeMode::Stretch,
-        mean: [0.0; 3],
-        std: [1.0; 3],
-    };
+    let pre = Preprocessing { width: 16, height: 16, resize: ResizeMode::Stretch, mean: [0.0; 3], std: [1.0; 3] };
     let io = Io {
         input: "input".into(),
         logits: "logits".into(),
@@ -109,7 +103,10 @@ fn value_info(name: &str, shape: &[i64]) -> onnx::ValueInfoProto {
             value: Some(TypeValue::TensorType(Tensor {
                 elem_type: Some(onnx::tensor_proto::DataType::Float as i32),
                 shape: Some(onnx::TensorShapeProto {
-                    dim: shape.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }).collect(),
+                    dim: shape
+                        .iter()
+                        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
+                        .collect(),
                 }),
             })),
             ..Default::default()
