@@ -6,4 +6,5 @@ pub mod backbone;
 pub mod device;
 pub mod plot;
 pub mod pretrained;
+pub mod quantize;
 pub mod viz;

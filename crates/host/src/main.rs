@@ -27,6 +27,9 @@ enum Command {
     Dream(cmd::dream::Args),
     /// A targeted (or untargeted) adversarial example within an L∞ budget.
     Attack(cmd::attack::Args),
+    /// Static post-training int8 quantization of a bundle, calibrated on
+    /// real images, compared with float on held-out ones.
+    Quantize(cmd::quantize::Args),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         Command::Features(a) => cmd::features::run(a),
         Command::Dream(a) => cmd::dream::run(a),
         Command::Attack(a) => cmd::attack::run(a),
+        Command::Quantize(a) => cmd::quantize::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -42,6 +42,7 @@ pub mod manifest;
 pub mod onnx;
 #[cfg(feature = "preprocess")]
 pub mod preprocess;
+pub mod quantize;
 pub mod weights;
 
 pub use bundle::Bundle;

@@ -6,3 +6,4 @@ pub mod export_pretrained;
 pub mod features;
 pub mod model_args;
 pub mod predict;
+pub mod quantize;

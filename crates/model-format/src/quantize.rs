@@ -1,0 +1,702 @@
+//! Static post-training int8 quantization of a Tern float graph, written
+//! with standard ONNX operators only (opset 13), so tract and onnxruntime
+//! run the same file.
+//!
+//! Two schemes, chosen by what tract runs fast (measured, see the README):
+//! - [`Scheme::Weights`]: every weight stored as int8 (symmetric, one
+//!   scale per output channel) behind a `DequantizeLinear` of a constant,
+//!   which runtimes fold at load. Float compute, a ~4× smaller file.
+//! - [`Scheme::Static`]: full and 1×1 convolutions become `QLinearConv`
+//!   with int8 activations (asymmetric, per tensor, calibrated), int8
+//!   weights (symmetric, zero point 0) and int32 bias; a following ReLU6
+//!   is folded into the output range. Depthwise convolutions, residual
+//!   `Add`s, pooling and the head stay float (their weights int8 behind
+//!   `DequantizeLinear`), with `QuantizeLinear`/`DequantizeLinear` at the
+//!   boundaries: tract's fast depthwise kernel is float-only.
+//!
+//! Activation ranges come from a [`Calibrator`] fed real activations by the
+//! caller (the host runs the float graph in libtorch).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::error::FormatError;
+use crate::onnx::{self, tensor_proto::DataType};
+
+/// Which graph to write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheme {
+    /// int8 weights, float compute.
+    Weights,
+    /// int8 weights and activations for full and 1×1 convolutions.
+    Static,
+}
+
+/// How the range of an activation is chosen from its observed values.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Smallest and largest value seen.
+    MinMax,
+    /// The given percentile at each end (e.g. 99.99): outliers saturate.
+    Percentile(f64),
+    /// The clipping threshold minimising the KL divergence between the
+    /// activation histogram and its 8-bit quantized version.
+    Entropy,
+}
+
+/// Number of histogram bins per tensor.
+pub const BINS: usize = 2048;
+
+/// An observed activation range.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Range {
+    /// Lower end.
+    pub min: f32,
+    /// Upper end.
+    pub max: f32,
+}
+
+#[derive(Debug, Clone)]
+struct Stats {
+    min: f32,
+    max: f32,
+    /// Histogram over `[lo, hi]` = the observed range widened to include 0.
+    hist: Vec<u64>,
+    /// Histogram of |x| over `[0, max(|lo|, hi)]`.
+    abs_hist: Vec<u64>,
+}
+
+impl Stats {
+    fn bounds(&self) -> (f32, f32) {
+        (self.min.min(0.0), self.max.max(0.0))
+    }
+}
+
+/// Collects activation statistics in two passes over the calibration set:
+/// [`Calibrator::observe_range`] for every batch, then (for percentile and
+/// entropy) [`Calibrator::observe_histogram`] for every batch.
+#[derive(Debug, Clone)]
+pub struct Calibrator {
+    method: Method,
+    stats: BTreeMap<String, Stats>,
+}
+
+impl Calibrator {
+    /// A calibrator for `method`.
+    pub fn new(method: Method) -> Calibrator {
+        Calibrator { method, stats: BTreeMap::new() }
+    }
+
+    /// The method.
+    pub fn method(&self) -> Method {
+        self.method
+    }
+
+    /// Whether [`Calibrator::observe_histogram`] passes are needed.
+    pub fn needs_histograms(&self) -> bool {
+        self.method != Method::MinMax
+    }
+
+    /// Pass 1: widens the range of `name` to cover `values` (non-finite
+    /// values are ignored).
+    pub fn observe_range(&mut self, name: &str, values: &[f32]) {
+        let s = self.stats.entry(name.to_owned()).or_insert_with(|| Stats {
+            min: f32::INFINITY,
+            max: f32::NEG_INFINITY,
+            hist: Vec::new(),
+            abs_hist: Vec::new(),
+        });
+        for &v in values.iter().filter(|v| v.is_finite()) {
+            s.min = s.min.min(v);
+            s.max = s.max.max(v);
+        }
+    }
+
+    /// Pass 2: adds `values` to the histograms of `name` over the range
+    /// found in pass 1 (values outside it land in the end bins).
+    pub fn observe_histogram(&mut self, name: &str, values: &[f32]) {
+        let Some(s) = self.stats.get_mut(name) else { return };
+        if !(s.min <= s.max) {
+            return;
+        }
+        if s.hist.is_empty() {
+            s.hist = vec![0; BINS];
+            s.abs_hist = vec![0; BINS];
+        }
+        let (lo, hi) = s.bounds();
+        let width = (hi - lo).max(f32::MIN_POSITIVE);
+        let amax = (-lo).max(hi).max(f32::MIN_POSITIVE);
+        let last = (BINS - 1) as f32;
+        for &v in values.iter().filter(|v| v.is_finite()) {
+            s.hist[(((v - lo) / width) * BINS as f32).clamp(0.0, last) as usize] += 1;
+            s.abs_hist[((v.abs() / amax) * BINS as f32).clamp(0.0, last) as usize] += 1;
+        }
+    }
+
+    /// The chosen range of every observed tensor.
+    pub fn ranges(&self) -> Result<BTreeMap<String, Range>, FormatError> {
+        let mut out = BTreeMap::new();
+        for (name, s) in &self.stats {
+            if !(s.min <= s.max) {
+                return Err(FormatError::Invalid {
+                    what: format!("calibration of `{name}`"),
+                    detail: "no finite value was observed".into(),
+                });
+            }
+            let r = match self.method {
+                Method::MinMax => Range { min: s.min, max: s.max },
+                _ if s.hist.is_empty() => {
+                    return Err(FormatError::Invalid {
+                        what: format!("calibration of `{name}`"),
+                        detail: "the histogram pass did not see this tensor".into(),
+                    })
+                }
+                Method::Percentile(p) => percentile_range(s, p),
+                Method::Entropy => entropy_range(s),
+            };
+            out.insert(name.clone(), r);
+        }
+        Ok(out)
+    }
+}
+
+fn percentile_range(s: &Stats, p: f64) -> Range {
+    let (lo, hi) = s.bounds();
+    let total: u64 = s.hist.iter().sum();
+    let tail = ((1.0 - p / 100.0).clamp(0.0, 1.0) * total as f64) as u64;
+    let edge = |i: usize| lo + (hi - lo) * i as f32 / BINS as f32;
+    let mut acc = 0;
+    let mut first = 0;
+    for (i, &c) in s.hist.iter().enumerate() {
+        acc += c;
+        if acc > tail {
+            first = i;
+            break;
+        }
+    }
+    acc = 0;
+    let mut last = BINS - 1;
+    for (i, &c) in s.hist.iter().enumerate().rev() {
+        acc += c;
+        if acc > tail {
+            last = i;
+            break;
+        }
+    }
+    Range { min: edge(first).max(s.min), max: edge(last + 1).min(s.max) }
+}
+
+/// TensorRT-style KL calibration on the |x| histogram: for each candidate
+/// threshold, the clipped distribution P (outliers folded into the last
+/// bin) against its `levels`-level quantization Q; the threshold of least
+/// KL(P‖Q). Non-negative tensors get `[0, t]` (256 levels), signed ones
+/// `[-t, t]` (128 levels per side).
+fn entropy_range(s: &Stats) -> Range {
+    let (lo, hi) = s.bounds();
+    let amax = (-lo).max(hi);
+    let signed = s.min < 0.0;
+    let levels = if signed { 128 } else { 256 };
+    let h = &s.abs_hist;
+    let mut best = (f64::INFINITY, BINS);
+    for i in (levels..=BINS).step_by(8) {
+        let mut p: Vec<f64> = h[..i].iter().map(|&c| c as f64).collect();
+        p[i - 1] += h[i..].iter().sum::<u64>() as f64;
+        // Q: merge the i bins into `levels` groups, spread each group's
+        // mass evenly over its non-empty bins.
+        let mut q = vec![0f64; i];
+        for l in 0..levels {
+            let (a, b) = (l * i / levels, ((l + 1) * i / levels).max(l * i / levels + 1));
+            let mass: f64 = h[a..b].iter().map(|&c| c as f64).sum();
+            let nonzero = h[a..b].iter().filter(|&&c| c > 0).count();
+            if nonzero > 0 {
+                for j in a..b {
+                    if h[j] > 0 {
+                        q[j] = mass / nonzero as f64;
+                    }
+                }
+            }
+        }
+        let (sp, sq): (f64, f64) = (p.iter().sum(), q.iter().sum());
+        if sp == 0.0 || sq == 0.0 {
+            continue;
+        }
+        let mut kl = 0.0;
+        for (pj, qj) in p.iter().zip(&q) {
+            if *pj > 0.0 {
+                let qj = if *qj > 0.0 { qj / sq } else { 1e-12 };
+                kl += pj / sp * ((pj / sp) / qj).ln();
+            }
+        }
+        if kl < best.0 {
+            best = (kl, i);
+        }
+    }
+    let t = amax * best.1 as f32 / BINS as f32;
+    if signed {
+        Range { min: (-t).max(s.min), max: t.min(s.max) }
+    } else {
+        Range { min: 0.0, max: t.min(s.max) }
+    }
+}
+
+/// int8 quantization parameters of one activation tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct QParams {
+    /// Step between levels.
+    pub scale: f32,
+    /// The int8 value of 0.0.
+    pub zero_point: i8,
+}
+
+impl QParams {
+    /// Asymmetric int8 parameters covering `r` widened to include 0 (so
+    /// zero padding and ReLU are exact).
+    pub fn asymmetric(r: Range) -> QParams {
+        let (lo, hi) = (r.min.min(0.0), r.max.max(0.0));
+        let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+        let zp = (-128.0 - lo / scale).round().clamp(-128.0, 127.0) as i8;
+        QParams { scale, zero_point: zp }
+    }
+}
+
+/// What to quantize and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    /// The scheme.
+    pub scheme: Scheme,
+    /// One weight scale per output channel for `QLinearConv` (per tensor
+    /// otherwise). Weight-only layers always use per-channel scales.
+    pub per_channel: bool,
+    /// Convolutions (by the name of their weight's prefix, e.g.
+    /// `_blocks.3._project_conv`) kept in float compute.
+    pub float_layers: Vec<String>,
+}
+
+/// One convolution of the float graph and the decision taken for it.
+#[derive(Debug, Clone)]
+struct ConvPlan {
+    node: usize,
+    layer: String,
+    quantized: bool,
+    /// The Clip(0, 6) node folded into the output range, if any.
+    clip: Option<usize>,
+    /// The tensor the layer's consumers read (the Clip output if folded).
+    output: String,
+}
+
+/// The tensors whose ranges [`quantize_graph`] needs for `options`: the
+/// inputs and (ReLU6-fused) outputs of the convolutions it quantizes.
+pub fn calibration_tensors(graph: &onnx::GraphProto, options: &Options) -> Result<Vec<String>, FormatError> {
+    let plans = plan_convs(graph, options)?;
+    let mut names = Vec::new();
+    for p in plans.iter().filter(|p| p.quantized) {
+        names.push(graph.node[p.node].input[0].clone());
+        names.push(p.output.clone());
+    }
+    let mut seen = HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    Ok(names)
+}
+
+fn attr_i(node: &onnx::NodeProto, name: &str) -> Option<i64> {
+    node.attribute.iter().find(|a| a.name.as_deref() == Some(name)).and_then(|a| a.i)
+}
+
+fn f_name(n: &onnx::NodeProto) -> String {
+    n.input.get(1).map(|w| layer_name(w)).unwrap_or_default()
+}
+
+fn layer_name(weight: &str) -> String {
+    weight.strip_suffix(".weight").unwrap_or(weight).to_owned()
+}
+
+fn plan_convs(graph: &onnx::GraphProto, options: &Options) -> Result<Vec<ConvPlan>, FormatError> {
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for input in &n.input {
+            consumers.entry(input.as_str()).or_default().push(i);
+        }
+    }
+    let outputs: HashSet<&str> = graph.output.iter().filter_map(|o| o.name.as_deref()).collect();
+    let mut plans = Vec::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        if n.op_type.as_deref() != Some("Conv") {
+            continue;
+        }
+        let (Some(w), Some(out)) = (n.input.get(1), n.output.first()) else {
+            return Err(FormatError::Invalid {
+                what: "graph".into(),
+                detail: format!("Conv node {i} lacks a weight or output"),
+            });
+        };
+        let layer = layer_name(w);
+        let depthwise = attr_i(n, "group").unwrap_or(1) > 1;
+        let quantized =
+            options.scheme == Scheme::Static && !depthwise && !options.float_layers.iter().any(|f| f == &layer);
+        let mut clip = None;
+        let mut output = out.clone();
+        if let [c] = consumers.get(out.as_str()).map(Vec::as_slice).unwrap_or_default() {
+            let cn = &graph.node[*c];
+            if cn.op_type.as_deref() == Some("Clip") && !outputs.contains(out.as_str()) && is_relu6(graph, cn) {
+                clip = Some(*c);
+                output = cn.output[0].clone();
+            }
+        }
+        plans.push(ConvPlan { node: i, layer, quantized, clip: if quantized { clip } else { None }, output });
+    }
+    Ok(plans)
+}
+
+/// Whether a Clip node clips to [0, 6] (its bounds are scalar initializers).
+fn is_relu6(graph: &onnx::GraphProto, clip: &onnx::NodeProto) -> bool {
+    let value = |name: Option<&String>| -> Option<f32> {
+        let t = graph.initializer.iter().find(|t| t.name.as_ref() == name)?;
+        float_values(t).ok()?.first().copied()
+    };
+    value(clip.input.get(1)) == Some(0.0) && value(clip.input.get(2)) == Some(6.0)
+}
+
+/// The f32 values of an initializer (raw little-endian or `float_data`).
+pub fn float_values(t: &onnx::TensorProto) -> Result<Vec<f32>, FormatError> {
+    let name = t.name.clone().unwrap_or_default();
+    if t.data_type != Some(DataType::Float as i32) {
+        return Err(FormatError::Invalid { what: format!("initializer `{name}`"), detail: "not float32".into() });
+    }
+    let n: i64 = t.dims.iter().product();
+    let values: Vec<f32> = match &t.raw_data {
+        Some(raw) => raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        None => t.float_data.clone(),
+    };
+    if values.len() as i64 != n {
+        return Err(FormatError::Invalid {
+            what: format!("initializer `{name}`"),
+            detail: format!("{} values for dims {:?}", values.len(), t.dims),
+        });
+    }
+    Ok(values)
+}
+
+/// Symmetric int8 weights: `round(w / s)`, `s = max|w| / 127` per output
+/// channel (axis 0) or for the whole tensor.
+fn quantize_weights(w: &[f32], out_channels: usize, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
+    let per = w.len() / out_channels.max(1);
+    let amax = |s: &[f32]| s.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scales: Vec<f32> = if per_channel {
+        w.chunks(per).map(|c| (amax(c) / 127.0).max(1e-12)).collect()
+    } else {
+        vec![(amax(w) / 127.0).max(1e-12)]
+    };
+    let q = w
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let s = if per_channel { scales[i / per] } else { scales[0] };
+            (v / s).round().clamp(-127.0, 127.0) as i8
+        })
+        .collect();
+    (q, scales)
+}
+
+fn i8_tensor(name: &str, dims: &[i64], v: &[i8]) -> onnx::TensorProto {
+    onnx::TensorProto {
+        name: Some(name.to_owned()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Int8 as i32),
+        raw_data: Some(v.iter().map(|&x| x as u8).collect()),
+        ..Default::default()
+    }
+}
+
+fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> onnx::TensorProto {
+    onnx::TensorProto {
+        name: Some(name.to_owned()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Float as i32),
+        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+fn i32_tensor(name: &str, dims: &[i64], v: &[i32]) -> onnx::TensorProto {
+    onnx::TensorProto {
+        name: Some(name.to_owned()),
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Int32 as i32),
+        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+fn node(op: &str, name: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeProto>) -> onnx::NodeProto {
+    onnx::NodeProto {
+        name: Some(name.to_owned()),
+        op_type: Some(op.to_owned()),
+        input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+        output: vec![output.to_owned()],
+        attribute,
+        ..Default::default()
+    }
+}
+
+fn axis0() -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: Some("axis".into()),
+        r#type: Some(onnx::attribute_proto::AttributeType::Int as i32),
+        i: Some(0),
+        ..Default::default()
+    }
+}
+
+/// The quantized graph, and the record for the manifest's `quantization`
+/// field (scheme, parameters of every quantized tensor, float layers).
+///
+/// `ranges` must hold every tensor of [`calibration_tensors`] (not needed
+/// for [`Scheme::Weights`]).
+pub fn quantize_graph(
+    graph: &onnx::GraphProto,
+    ranges: &BTreeMap<String, Range>,
+    options: &Options,
+) -> Result<(onnx::GraphProto, serde_json::Value), FormatError> {
+    let plans = plan_convs(graph, options)?;
+    let by_node: HashMap<usize, &ConvPlan> = plans.iter().map(|p| (p.node, p)).collect();
+    let folded_clips: HashSet<usize> = plans.iter().filter_map(|p| p.clip).collect();
+    let inits: HashMap<String, onnx::TensorProto> =
+        graph.initializer.iter().map(|t| (t.name.clone().unwrap_or_default(), t.clone())).collect();
+    let range = |name: &str| {
+        ranges.get(name).copied().ok_or_else(|| FormatError::Invalid {
+            what: "calibration".into(),
+            detail: format!("no range for tensor `{name}`"),
+        })
+    };
+
+    // Which float tensors are still read by float nodes (or are outputs)
+    // once the quantized convolutions read int8 versions.
+    let quantized_inputs: HashSet<(usize, usize)> = plans.iter().filter(|p| p.quantized).map(|p| (p.node, 0)).collect();
+    let mut float_readers: HashSet<&str> = graph.output.iter().filter_map(|o| o.name.as_deref()).collect();
+    for (i, n) in graph.node.iter().enumerate() {
+        if folded_clips.contains(&i) {
+            continue;
+        }
+        for (j, input) in n.input.iter().enumerate() {
+            if !quantized_inputs.contains(&(i, j)) {
+                float_readers.insert(input.as_str());
+            }
+        }
+    }
+
+    let mut nodes = Vec::new();
+    let mut new_inits: Vec<onnx::TensorProto> = Vec::new();
+    let mut removed: HashSet<String> = HashSet::new();
+    // float tensor name → (int8 tensor, scale name, zero point name)
+    let mut int8: HashMap<String, (String, String, String)> = HashMap::new();
+    let mut tensors = serde_json::Map::new();
+    let mut layers = Vec::new();
+    let mut float_layers = Vec::new();
+    let mut qparam = |name: &str, new_inits: &mut Vec<onnx::TensorProto>| -> Result<(String, String), FormatError> {
+        let r = range(name)?;
+        let q = QParams::asymmetric(r);
+        let (s, z) = (format!("{name}.scale"), format!("{name}.zero_point"));
+        new_inits.push(f32_tensor(&s, &[], &[q.scale]));
+        new_inits.push(i8_tensor(&z, &[], &[q.zero_point]));
+        tensors
+            .insert(name.to_owned(), json!({"scale": q.scale, "zero_point": q.zero_point, "min": r.min, "max": r.max}));
+        Ok((s, z))
+    };
+
+    for (i, n) in graph.node.iter().enumerate() {
+        if folded_clips.contains(&i) {
+            continue;
+        }
+        let op = n.op_type.as_deref().unwrap_or_default();
+        let plan = by_node.get(&i);
+        match (op, plan) {
+            ("Conv", Some(p)) if p.quantized => {
+                let x = &n.input[0];
+                if !int8.contains_key(x) {
+                    let (s, z) = qparam(x, &mut new_inits)?;
+                    let q = format!("{x}.int8");
+                    nodes.push(node("QuantizeLinear", &q, &[x, &s, &z], &q, vec![]));
+                    int8.insert(x.clone(), (q, s, z));
+                }
+                let (xq, xs, xz) = int8[x].clone();
+                let w_name = &n.input[1];
+                let w_t = inits.get(w_name).ok_or_else(|| FormatError::Invalid {
+                    what: "graph".into(),
+                    detail: format!("Conv weight `{w_name}` is not an initializer"),
+                })?;
+                let w = float_values(w_t)?;
+                let cout = *w_t.dims.first().unwrap_or(&1) as usize;
+                let (wq, ws) = quantize_weights(&w, cout, options.per_channel);
+                let sdims: Vec<i64> = if options.per_channel { vec![cout as i64] } else { vec![] };
+                let (wqn, wsn, wzn) =
+                    (format!("{w_name}.int8"), format!("{w_name}.scale"), format!("{w_name}.zero_point"));
+                new_inits.push(i8_tensor(&wqn, &w_t.dims, &wq));
+                new_inits.push(f32_tensor(&wsn, &sdims, &ws));
+                new_inits.push(i8_tensor(&wzn, &sdims, &vec![0; ws.len()]));
+                removed.insert(w_name.clone());
+                let x_scale = QParams::asymmetric(range(x)?).scale;
+                let mut inputs: Vec<String> = vec![xq, xs, xz, wqn, wsn, wzn];
+                let (ys, yz) = qparam(&p.output, &mut new_inits)?;
+                inputs.push(ys.clone());
+                inputs.push(yz.clone());
+                if let Some(b_name) = n.input.get(2) {
+                    let b_t = inits.get(b_name).ok_or_else(|| FormatError::Invalid {
+                        what: "graph".into(),
+                        detail: format!("Conv bias `{b_name}` is not an initializer"),
+                    })?;
+                    let b = float_values(b_t)?;
+                    let bq: Vec<i32> = b
+                        .iter()
+                        .enumerate()
+                        .map(|(c, v)| {
+                            let s = x_scale * if options.per_channel { ws[c] } else { ws[0] };
+                            (f64::from(*v) / f64::from(s)).round().clamp(i32::MIN as f64, i32::MAX as f64) as i32
+                        })
+                        .collect();
+                    let bqn = format!("{b_name}.int32");
+                    new_inits.push(i32_tensor(&bqn, &b_t.dims, &bq));
+                    removed.insert(b_name.clone());
+                    inputs.push(bqn);
+                }
+                let yq = format!("{}.int8", p.output);
+                let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                let mut conv = node("QLinearConv", &yq, &refs, &yq, n.attribute.clone());
+                conv.name = n.name.clone();
+                nodes.push(conv);
+                if float_readers.contains(p.output.as_str()) {
+                    let name = format!("{}.dequantize", p.output);
+                    nodes.push(node("DequantizeLinear", &name, &[&yq, &ys, &yz], &p.output, vec![]));
+                }
+                int8.insert(p.output.clone(), (yq, ys, yz));
+                layers.push(json!({
+                    "layer": p.layer,
+                    "op": "QLinearConv",
+                    "relu6_folded": p.clip.is_some(),
+                    "weight_scale": if options.per_channel { json!(ws) } else { json!(ws[0]) },
+                }));
+            }
+            ("Conv" | "Gemm", _)
+                if options.float_layers.iter().any(|f| n.input.get(1).map(|w| layer_name(w)) == Some(f.clone())) =>
+            {
+                float_layers.push(json!({"layer": f_name(n), "op": op, "reason": "requested", "weights": "float32"}));
+                nodes.push(n.clone());
+            }
+            ("Conv" | "Gemm", _) => {
+                // Float compute, int8 weights behind a constant DequantizeLinear.
+                let w_name = &n.input[1];
+                let w_t = inits.get(w_name).ok_or_else(|| FormatError::Invalid {
+                    what: "graph".into(),
+                    detail: format!("{op} weight `{w_name}` is not an initializer"),
+                })?;
+                let w = float_values(w_t)?;
+                let cout = *w_t.dims.first().unwrap_or(&1) as usize;
+                let (wq, ws) = quantize_weights(&w, cout, true);
+                let (wqn, wsn, wzn) =
+                    (format!("{w_name}.int8"), format!("{w_name}.scale"), format!("{w_name}.zero_point"));
+                new_inits.push(i8_tensor(&wqn, &w_t.dims, &wq));
+                new_inits.push(f32_tensor(&wsn, &[cout as i64], &ws));
+                new_inits.push(i8_tensor(&wzn, &[cout as i64], &vec![0; cout]));
+                removed.insert(w_name.clone());
+                let dq = format!("{w_name}.dequantize");
+                nodes.push(node("DequantizeLinear", &dq, &[&wqn, &wsn, &wzn], w_name, vec![axis0()]));
+                nodes.push(n.clone());
+                let reason = match plan {
+                    Some(_) if attr_i(n, "group").unwrap_or(1) > 1 => "depthwise",
+                    _ if op == "Gemm" => "head",
+                    _ => "weights-only scheme",
+                };
+                float_layers.push(json!({"layer": layer_name(w_name), "op": op, "reason": reason, "weights": "int8"}));
+            }
+            _ => nodes.push(n.clone()),
+        }
+    }
+    for t in &graph.initializer {
+        let name = t.name.clone().unwrap_or_default();
+        if !removed.contains(&name) {
+            new_inits.push(t.clone());
+        }
+    }
+    let mut out = graph.clone();
+    out.node = nodes;
+    out.initializer = new_inits;
+    let record = json!({
+        "scheme": options.scheme,
+        "weights": {"dtype": "int8", "symmetric": true, "zero_point": 0,
+                    "per_channel": if options.scheme == Scheme::Static { options.per_channel } else { true }},
+        "activations": if options.scheme == Scheme::Static {
+            json!({"dtype": "int8", "asymmetric": true, "per_tensor": true})
+        } else {
+            json!({"dtype": "float32"})
+        },
+        "quantized_layers": layers,
+        "float_layers": float_layers,
+        "tensors": tensors,
+    });
+    Ok((out, record))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asymmetric_params_cover_the_range_and_zero() {
+        let q = QParams::asymmetric(Range { min: 0.0, max: 6.0 });
+        assert_eq!(q.zero_point, -128);
+        assert!((q.scale - 6.0 / 255.0).abs() < 1e-7);
+        let q = QParams::asymmetric(Range { min: -1.0, max: 3.0 });
+        // 0.0 maps exactly to an integer level.
+        let zero = (0.0 / q.scale).round() + f32::from(q.zero_point);
+        assert_eq!(zero, f32::from(q.zero_point));
+        let level = |x: f32| (x / q.scale).round() + f32::from(q.zero_point);
+        assert!((level(-1.0) + 128.0).abs() <= 1.0, "{q:?}");
+        assert!((level(3.0) - 127.0).abs() <= 1.0, "{q:?}");
+    }
+
+    #[test]
+    fn weights_round_trip_within_half_a_step() {
+        let w: Vec<f32> = (0..64).map(|i| ((i * 37 % 17) as f32 - 8.0) * if i < 32 { 0.01 } else { 1.0 }).collect();
+        for per_channel in [false, true] {
+            let (q, s) = quantize_weights(&w, 2, per_channel);
+            for (i, (v, q)) in w.iter().zip(&q).enumerate() {
+                let s = if per_channel { s[i / 32] } else { s[0] };
+                assert!((v - f32::from(*q) * s).abs() <= s / 2.0 + 1e-7);
+            }
+        }
+        // Per-channel keeps the small channel precise.
+        let (q, _) = quantize_weights(&w, 2, true);
+        assert!(q[..32].iter().any(|&v| v.abs() > 100));
+    }
+
+    #[test]
+    fn percentile_clips_outliers_and_minmax_does_not() {
+        let mut values: Vec<f32> = (0..100_000).map(|i| (i % 1000) as f32 / 1000.0).collect();
+        values.push(50.0);
+        let run = |m: Method| {
+            let mut c = Calibrator::new(m);
+            c.observe_range("x", &values);
+            if c.needs_histograms() {
+                c.observe_histogram("x", &values);
+            }
+            c.ranges().unwrap()["x"]
+        };
+        assert_eq!(run(Method::MinMax).max, 50.0);
+        let p = run(Method::Percentile(99.9));
+        assert!(p.max < 1.1 && p.max > 0.9, "{p:?}");
+        // Entropy searches thresholds from 256 of the 2048 bins up (as
+        // TensorRT does from 128): here it clips the lone outlier away.
+        let e = run(Method::Entropy);
+        assert!(e.max <= 50.0 * 256.0 / 2048.0 + 1e-3 && e.min == 0.0, "{e:?}");
+    }
+
+    #[test]
+    fn a_tensor_never_seen_is_an_error() {
+        let mut c = Calibrator::new(Method::Entropy);
+        c.observe_range("x", &[f32::NAN]);
+        assert!(c.ranges().is_err());
+    }
+}
