@@ -3,8 +3,11 @@
 #![deny(missing_docs)]
 
 pub mod backbone;
+pub mod data;
 pub mod device;
+pub mod metrics;
 pub mod plot;
 pub mod pretrained;
 pub mod quantize;
+pub mod train;
 pub mod viz;

@@ -27,6 +27,12 @@ enum Command {
     Dream(cmd::dream::Args),
     /// A targeted (or untargeted) adversarial example within an L∞ budget.
     Attack(cmd::attack::Args),
+    /// Transfer learning on an ImageFolder: frozen pretrained backbone, new
+    /// head, optional fine-tuning; writes the float bundle and a report.
+    Train(cmd::train::Args),
+    /// A bundle's accuracy through tract (the device's code path), checked
+    /// against the host's own predictions.
+    Eval(cmd::eval::Args),
     /// Static post-training int8 quantization of a bundle, calibrated on
     /// real images, compared with float on held-out ones.
     Quantize(cmd::quantize::Args),
@@ -39,6 +45,8 @@ fn main() -> ExitCode {
         Command::Features(a) => cmd::features::run(a),
         Command::Dream(a) => cmd::dream::run(a),
         Command::Attack(a) => cmd::attack::run(a),
+        Command::Train(a) => cmd::train::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
     };
     match result {

@@ -109,3 +109,89 @@ fn blit(root: &DrawingArea<BitMapBackend, plotters::coord::Shift>, img: &RgbImag
 fn draw_err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
     anyhow!("drawing failed: {e:?}")
 }
+
+/// The confusion matrix as a heat map: rows are true classes, columns
+/// predictions, each cell shaded by its share of the row and labelled with
+/// its count.
+pub fn confusion_png(path: &Path, title: &str, labels: &[String], confusion: &[Vec<usize>]) -> Result<()> {
+    ensure_font()?;
+    let n = labels.len().max(1);
+    let cell = if n <= 10 { 56u32 } else { (560 / n as u32).max(14) };
+    let label_w = 12 + 8 * labels.iter().map(|l| l.chars().count()).max().unwrap_or(4).min(24) as u32;
+    let col_h = 8 + 7 * labels.iter().map(|l| l.chars().count()).max().unwrap_or(4).min(24) as u32;
+    let (left, top) = (label_w, 56 + col_h);
+    let w = left + n as u32 * cell + 20;
+    let h = top + n as u32 * cell + 40;
+    let root = BitMapBackend::new(path, (w.max(360), h)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let black = |size| ("sans-serif", size).into_font().color(&BLACK);
+    root.draw_text(title, &black(18), (6, 8)).map_err(draw_err)?;
+    root.draw_text("rows: true class; columns: predicted", &black(13), (6, 34)).map_err(draw_err)?;
+    let rotated = ("sans-serif", 13).into_font().transform(FontTransform::Rotate270).color(&BLACK);
+    for (c, label) in labels.iter().enumerate() {
+        let name: String = label.chars().take(24).collect();
+        let x = (left + c as u32 * cell + cell / 2) as i32 - 7;
+        root.draw_text(&name, &rotated, (x, (top - 6) as i32)).map_err(draw_err)?;
+    }
+    for (r, row) in confusion.iter().enumerate().take(n) {
+        let total = row.iter().sum::<usize>().max(1) as f64;
+        let name: String = labels.get(r).map(|l| l.chars().take(24).collect()).unwrap_or_default();
+        let y = (top + r as u32 * cell) as i32;
+        root.draw_text(&name, &black(13), (6, y + cell as i32 / 2 - 7)).map_err(draw_err)?;
+        for (c, &v) in row.iter().enumerate().take(n) {
+            let share = v as f64 / total;
+            let shade = (255.0 - share * 200.0) as u8;
+            let color = if r == c { RGBColor(shade, 255 - (255 - shade) / 4, shade) } else { RGBColor(255, shade, shade) };
+            let x = (left + c as u32 * cell) as i32;
+            root.draw(&Rectangle::new([(x, y), (x + cell as i32 - 1, y + cell as i32 - 1)], color.filled()))
+                .map_err(draw_err)?;
+            if cell >= 28 {
+                root.draw_text(&v.to_string(), &black(13), (x + 4, y + cell as i32 / 2 - 7)).map_err(draw_err)?;
+            }
+        }
+    }
+    root.present().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
+/// Training curves: loss (left) and accuracy (right) per epoch, training
+/// and validation. `series` holds `(epoch, train_loss, val_loss,
+/// train_accuracy, val_accuracy)`.
+pub fn curves_png(path: &Path, title: &str, series: &[(usize, f64, f64, f64, f64)]) -> Result<()> {
+    ensure_font()?;
+    let root = BitMapBackend::new(path, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(draw_err)?;
+    let root = root.titled(title, ("sans-serif", 18)).map_err(draw_err)?;
+    let (l, r) = root.split_horizontally(500);
+    let last = series.last().map_or(1, |s| s.0).max(2);
+    let max_loss = series.iter().map(|s| s.1.max(s.2)).fold(0.0f64, f64::max).max(1e-3) * 1.05;
+    let min_acc = series.iter().map(|s| s.3.min(s.4)).fold(1.0f64, f64::min).min(0.9).max(0.0);
+    for (area, caption, range, pick) in [
+        (&l, "loss", 0.0..max_loss, 0usize),
+        (&r, "accuracy", (min_acc - 0.02).max(0.0)..1.0, 1usize),
+    ] {
+        let mut chart = ChartBuilder::on(area)
+            .caption(caption, ("sans-serif", 15))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(1usize..last, range)
+            .map_err(draw_err)?;
+        chart.configure_mesh().x_desc("epoch").draw().map_err(draw_err)?;
+        let train: Vec<(usize, f64)> = series.iter().map(|s| (s.0, if pick == 0 { s.1 } else { s.3 })).collect();
+        let val: Vec<(usize, f64)> = series.iter().map(|s| (s.0, if pick == 0 { s.2 } else { s.4 })).collect();
+        chart
+            .draw_series(LineSeries::new(train, BLUE.stroke_width(2)))
+            .map_err(draw_err)?
+            .label("train")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLUE));
+        chart
+            .draw_series(LineSeries::new(val, RED.stroke_width(2)))
+            .map_err(draw_err)?
+            .label("validation")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED));
+        chart.configure_series_labels().background_style(WHITE).border_style(BLACK).draw().map_err(draw_err)?;
+    }
+    root.present().with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

@@ -47,21 +47,16 @@ pub struct Args {
 /// Evaluates and prints accuracy (or JSON lines).
 pub fn run(a: Args) -> Result<ExitCode> {
     let mut clf = Classifier::load(&a.bundle)?;
-    let trained = clf
-        .manifest()
-        .provenance
-        .training
-        .as_ref()
-        .and_then(|t| t.get("options"))
-        .cloned()
-        .unwrap_or_default();
+    let trained =
+        clf.manifest().provenance.training.as_ref().and_then(|t| t.get("options")).cloned().unwrap_or_default();
     let val_fraction = a.val_fraction.or_else(|| trained.get("val_fraction").and_then(|v| v.as_f64())).unwrap_or(0.2);
     let seed = a.seed.or_else(|| trained.get("seed").and_then(|v| v.as_u64())).unwrap_or(0);
     let max = a.max_per_class.or_else(|| trained.get("max_per_class").and_then(|v| v.as_u64()).map(|v| v as usize));
     let ds = dataset::scan(&a.data, val_fraction, seed)
         .with_context(|| format!("cannot use {} as an ImageFolder", a.data.display()))?
         .limit_per_class(max);
-    check_labels(&clf, &ds.classes).with_context(|| format!("{} does not fit {}", a.data.display(), a.bundle.display()))?;
+    check_labels(&clf, &ds.classes)
+        .with_context(|| format!("{} does not fit {}", a.data.display(), a.bundle.display()))?;
     let samples = match a.split {
         Split::Val => ds.val.clone(),
         Split::Train => ds.train.clone(),

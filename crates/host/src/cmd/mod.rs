@@ -2,8 +2,10 @@
 
 pub mod attack;
 pub mod dream;
+pub mod eval;
 pub mod export_pretrained;
 pub mod features;
 pub mod model_args;
 pub mod predict;
 pub mod quantize;
+pub mod train;
