@@ -152,7 +152,7 @@ fn int8(scheme: Scheme) -> &'static Path {
         .get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("imagenet-int8.onnx");
-            let options = Options { scheme, per_channel: false, float_layers: vec![] };
+            let options = Options { scheme, per_channel: false, float_layers: vec![], input_means: Default::default() };
             quantize(imagenet_bundle(), &path, &options, Method::Percentile(99.99));
             Int8 { _dir: dir, path }
         })

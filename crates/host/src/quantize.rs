@@ -19,7 +19,9 @@ use prost::Message;
 use tch::{Kind, Tensor};
 use tern_model_format::onnx::{self, tensor_proto::DataType};
 use tern_model_format::preprocess::{open_image, preprocess};
-use tern_model_format::quantize::{calibration_tensors, quantize_graph, Calibrator, Method, Options, Range};
+use tern_model_format::quantize::{
+    calibration_tensors, mean_tensors, quantize_graph, Calibrator, Method, Options, Range,
+};
 use tern_model_format::{Bundle, Manifest, Preprocessing};
 
 /// Images per forward pass.
@@ -306,6 +308,35 @@ pub fn calibrate(
     Ok(cal.ranges()?)
 }
 
+/// Per-channel means (axis 1) of `names` over `batches`.
+pub fn channel_means(net: &OnnxNet, batches: &[Tensor], names: &[String]) -> Result<BTreeMap<String, Vec<f32>>> {
+    let mut sums: HashMap<String, (Tensor, f64)> = HashMap::new();
+    let bar = progress(batches.len() as u64, "input means");
+    for x in batches {
+        let _logits = tch::no_grad(|| {
+            net.run(x, names, |name, t| {
+                let c = t.size().get(1).copied().unwrap_or(1).max(1);
+                let dims: Vec<i64> = (0..t.dim() as i64).filter(|&d| d != 1).collect();
+                let s = t.sum_dim_intlist(dims.as_slice(), false, Kind::Double);
+                let count = (t.numel() as i64 / c) as f64;
+                let e = sums
+                    .entry(name.to_owned())
+                    .or_insert_with(|| (Tensor::zeros([c], (Kind::Double, tch::Device::Cpu)), 0.0));
+                e.0 += s;
+                e.1 += count;
+            })
+        })?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let mut out = BTreeMap::new();
+    for (name, (s, n)) in sums {
+        let mean = Vec::<f64>::try_from(s / n.max(1.0))?;
+        out.insert(name, mean.into_iter().map(|v| v as f32).collect());
+    }
+    Ok(out)
+}
+
 /// Top-1 index per row of `logits` (`[N, 1]` sigmoid outputs: 1 when the
 /// logit is positive).
 pub fn top1(logits: &Tensor) -> Result<Vec<usize>> {
@@ -398,6 +429,9 @@ pub struct Request<'a> {
     pub out: &'a Path,
     /// Seed of the image draws.
     pub seed: u64,
+    /// Correct the biases of int8-weight float layers with the mean
+    /// inputs measured on the calibration images.
+    pub bias_correction: bool,
 }
 
 /// What [`quantize_bundle`] did.
@@ -423,13 +457,23 @@ pub fn quantize_bundle(r: &Request) -> Result<Outcome> {
 
     let calib_files = pick_images(r.calib_data, r.calib_images, r.seed)?;
     let names = calibration_tensors(&graph, &r.options)?;
-    let ranges = if names.is_empty() {
+    let mean_names = if r.bias_correction { mean_tensors(&graph, &r.options)? } else { Vec::new() };
+    let mut options = r.options.clone();
+    let ranges = if names.is_empty() && mean_names.is_empty() {
         BTreeMap::new()
     } else {
         let (batches, _) = load_batches(&calib_files, &pre, "calibration")?;
-        calibrate(&float, &batches, &names, r.method)?
+        if !mean_names.is_empty() {
+            options.input_means = channel_means(&float, &batches, &mean_names)?;
+        }
+        if names.is_empty() {
+            BTreeMap::new()
+        } else {
+            calibrate(&float, &batches, &names, r.method)?
+        }
     };
-    let (qgraph, mut record) = quantize_graph(&graph, &ranges, &r.options)?;
+    let used_images = !(names.is_empty() && mean_names.is_empty());
+    let (qgraph, mut record) = quantize_graph(&graph, &ranges, &options)?;
     let mut manifest = bundle.manifest.clone();
     let method = match r.method {
         Method::MinMax => serde_json::json!({"method": "minmax"}),
@@ -438,7 +482,8 @@ pub fn quantize_bundle(r: &Request) -> Result<Outcome> {
     };
     record["calibration"] = serde_json::json!({
         "ranges": method,
-        "images": if names.is_empty() { 0 } else { calib_files.len() },
+        "images": if used_images { calib_files.len() } else { 0 },
+        "bias_correction": r.bias_correction,
         "source": r.calib_data.display().to_string(),
         "seed": r.seed,
     });

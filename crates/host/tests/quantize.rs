@@ -97,9 +97,15 @@ fn default_int8_stores_int8_weights_and_agrees_with_float() {
     let q = b.manifest.quantization.as_ref().unwrap();
     assert_eq!(q["scheme"], "weights");
     assert_eq!(q["activations"]["dtype"], "float32");
-    // No activation is quantized, so no calibration image is used.
-    assert_eq!(q["calibration"]["images"], 0);
-    assert!(q["float_layers"].as_array().unwrap().iter().all(|l| l["weights"] == "int8"));
+    // No activation is quantized; the calibration images give the input
+    // means for bias correction of every layer.
+    assert_eq!(q["calibration"]["images"], 24);
+    assert_eq!(q["calibration"]["bias_correction"], true);
+    assert!(q["float_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["weights"] == "int8" && l["bias_corrected"] == true));
 }
 
 #[test]

@@ -274,6 +274,63 @@ pub struct Options {
     /// Convolutions (by the name of their weight's prefix, e.g.
     /// `_blocks.3._project_conv`) kept in float compute.
     pub float_layers: Vec<String>,
+    /// Per-channel means of the inputs of the int8-weight float layers
+    /// (by tensor name, see [`mean_tensors`]), measured on calibration
+    /// images. When given, each such layer's bias absorbs the expected
+    /// output shift its weight rounding causes (bias correction,
+    /// Nagel et al. 2019): `b' = b − Σ (W_q − W)·E[x]`.
+    pub input_means: BTreeMap<String, Vec<f32>>,
+}
+
+/// The inputs of the layers that keep float compute with int8 weights:
+/// their per-channel means feed [`Options::input_means`].
+pub fn mean_tensors(graph: &onnx::GraphProto, options: &Options) -> Result<Vec<String>, FormatError> {
+    let quantized: HashSet<usize> =
+        plan_convs(graph, options)?.iter().filter(|p| p.quantized).map(|p| p.node).collect();
+    let mut names: Vec<String> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(i, n)| {
+            matches!(n.op_type.as_deref(), Some("Conv" | "Gemm"))
+                && !quantized.contains(i)
+                && !n.input.get(1).is_some_and(|w| options.float_layers.contains(&layer_name(w)))
+        })
+        .filter_map(|(_, n)| n.input.first().cloned())
+        .collect();
+    let mut seen = HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    Ok(names)
+}
+
+/// The expected output error per output channel of a layer whose weight
+/// `w` (`[cout, cin/groups, k, k]` or `[cout, cin]`) became `wq·scale`,
+/// for inputs with per-channel means `mean` (padding ignored).
+fn expected_error(w: &[f32], wq: &[i8], scales: &[f32], dims: &[i64], groups: usize, mean: &[f32]) -> Option<Vec<f64>> {
+    let cout = *dims.first()? as usize;
+    let per_out = w.len() / cout.max(1);
+    let cin_g = *dims.get(1)? as usize;
+    let taps = per_out / cin_g.max(1);
+    if cout == 0 || groups == 0 || cout % groups != 0 || mean.len() != cin_g * groups {
+        return None;
+    }
+    let out_per_group = cout / groups;
+    Some(
+        (0..cout)
+            .map(|o| {
+                let g = o / out_per_group;
+                let mut e = 0f64;
+                for i in 0..cin_g {
+                    let mu = f64::from(mean[g * cin_g + i]);
+                    for t in 0..taps {
+                        let j = o * per_out + i * taps + t;
+                        e += (f64::from(wq[j]) * f64::from(scales[o]) - f64::from(w[j])) * mu;
+                    }
+                }
+                e
+            })
+            .collect(),
+    )
 }
 
 /// One convolution of the float graph and the decision taken for it.
@@ -603,13 +660,35 @@ pub fn quantize_graph(
                 removed.insert(w_name.clone());
                 let dq = format!("{w_name}.dequantize");
                 nodes.push(node("DequantizeLinear", &dq, &[&wqn, &wsn, &wzn], w_name, vec![axis0()]));
-                nodes.push(n.clone());
+                let groups = attr_i(n, "group").unwrap_or(1).max(1) as usize;
+                let correction = match (options.input_means.get(&n.input[0]), n.input.get(2)) {
+                    (Some(mean), Some(b_name)) => expected_error(&w, &wq, &ws, &w_t.dims, groups, mean)
+                        .and_then(|e| Some((b_name, inits.get(b_name)?, e))),
+                    _ => None,
+                };
+                let depthwise = attr_i(n, "group").unwrap_or(1) > 1;
+                let mut n = n.clone();
+                if let Some((b_name, b_t, e)) = correction {
+                    let b = float_values(b_t)?;
+                    if b.len() == e.len() {
+                        let corrected: Vec<f32> = b.iter().zip(&e).map(|(b, e)| (f64::from(*b) - e) as f32).collect();
+                        let name = format!("{b_name}.corrected");
+                        new_inits.push(f32_tensor(&name, &b_t.dims, &corrected));
+                        n.input[2] = name;
+                        removed.insert(b_name.clone());
+                    }
+                }
+                let corrected = n.input.get(2).is_some_and(|b| b.ends_with(".corrected"));
+                nodes.push(n);
                 let reason = match plan {
-                    Some(_) if attr_i(n, "group").unwrap_or(1) > 1 => "depthwise",
+                    Some(_) if depthwise => "depthwise",
                     _ if op == "Gemm" => "head",
                     _ => "weights-only scheme",
                 };
-                float_layers.push(json!({"layer": layer_name(w_name), "op": op, "reason": reason, "weights": "int8"}));
+                float_layers.push(json!({
+                    "layer": layer_name(w_name), "op": op, "reason": reason, "weights": "int8",
+                    "bias_corrected": corrected,
+                }));
             }
             _ => nodes.push(n.clone()),
         }

@@ -68,6 +68,11 @@ pub struct Args {
     /// Held-out images used.
     #[arg(long, default_value_t = 500)]
     pub eval_images: usize,
+    /// Leave the biases of int8-weight float layers as they are (by default
+    /// they absorb the mean output shift of the weight rounding, measured
+    /// on the calibration images).
+    #[arg(long)]
+    pub no_bias_correction: bool,
     /// Seed of the image draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -97,7 +102,13 @@ pub fn run(a: Args) -> Result<()> {
         calib_data: &a.calib_data,
         calib_images: a.calib_images,
         method,
-        options: Options { scheme, per_channel: a.per_channel, float_layers: a.float_layers.clone() },
+        options: Options {
+            scheme,
+            per_channel: a.per_channel,
+            float_layers: a.float_layers.clone(),
+            input_means: Default::default(),
+        },
+        bias_correction: !a.no_bias_correction,
         eval_data: a.eval_data.as_deref(),
         eval_images: a.eval_images,
         out: &a.out,
