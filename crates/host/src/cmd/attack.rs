@@ -27,8 +27,43 @@ pub struct Args {
     /// Folder for `attack.png` (side by side) and `adversarial.png`.
     #[arg(long, default_value = "attack")]
     out_dir: PathBuf,
+    /// Bundles (float, int8…) to run the adversarial PNG through with
+    /// tern-device, the device's code path: does the attack survive export
+    /// and quantization?
+    #[arg(long, value_delimiter = ',')]
+    check: Vec<PathBuf>,
+    /// The tern-device binary for `--check` (default: $TERN_DEVICE_BIN,
+    /// then beside tern-host, then PATH).
+    #[arg(long)]
+    device_bin: Option<PathBuf>,
     #[command(flatten)]
     model: super::model_args::ModelArgs,
+}
+
+/// Top-1 `(index, label, probability)` of `image` under `bundle`, by
+/// tern-device.
+fn device_top1(bin: &std::path::Path, bundle: &std::path::Path, image: &std::path::Path) -> Result<(u64, String, f64)> {
+    let out = std::process::Command::new(bin)
+        .args(["classify", "--json", "--top-k", "1"])
+        .arg(bundle)
+        .arg(image)
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} classify {} failed: {}",
+            bin.display(),
+            bundle.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bad output from tern-device")?;
+    let top = &v["top"][0];
+    Ok((
+        top["index"].as_u64().unwrap_or(u64::MAX),
+        top["label"].as_str().unwrap_or_default().to_string(),
+        top["probability"].as_f64().unwrap_or(f64::NAN),
+    ))
 }
 
 /// Runs the attack, writes the figures, prints a JSON summary.
@@ -56,6 +91,18 @@ pub fn run(a: Args) -> Result<()> {
         None => format!("untargeted attack in {} steps", r.steps),
     };
     tern_host::plot::panels_png(&a.out_dir.join("attack.png"), &title, &panels, 1)?;
+    let bin = super::eval::device_bin(a.device_bin.clone());
+    let mut checks = Vec::new();
+    for bundle in &a.check {
+        let (index, label, p) = device_top1(&bin, bundle, &adv_path)?;
+        let survives = index == f as u64;
+        eprintln!(
+            "{}: the adversarial image reads as {label} ({p:.3}): the attack {}",
+            bundle.display(),
+            if survives { "survives" } else { "does not survive" }
+        );
+        checks.push(serde_json::json!({"bundle": bundle, "index": index, "label": label, "probability": p, "survives": survives}));
+    }
     println!(
         "{}",
         serde_json::json!({
@@ -64,6 +111,7 @@ pub fn run(a: Args) -> Result<()> {
             "after": {"index": f, "label": labels[f], "probability": r.after[f]},
             "target": target.map(|t| serde_json::json!({"index": t, "label": labels[t],
                 "before": r.before[t], "after": r.after[t]})),
+            "device": checks,
         })
     );
     Ok(())

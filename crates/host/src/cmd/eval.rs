@@ -35,7 +35,9 @@ pub struct Args {
     pub device_bin: Option<PathBuf>,
 }
 
-fn device_bin(given: Option<PathBuf>) -> PathBuf {
+/// The tern-device binary: `given`, else $TERN_DEVICE_BIN, else beside
+/// tern-host, else `tern-device` on PATH.
+pub fn device_bin(given: Option<PathBuf>) -> PathBuf {
     given.or_else(|| std::env::var_os("TERN_DEVICE_BIN").map(PathBuf::from)).unwrap_or_else(|| {
         std::env::current_exe()
             .ok()
