@@ -416,8 +416,13 @@ pub fn train(o: &TrainOptions) -> Result<Trained> {
     for epoch in 1..=o.epochs {
         let e0 = Instant::now();
         let (train_loss, train_acc) = match &train_enc {
-            Some(enc) => t.head_epoch_cached(enc, &mut opt, o.batch_size, &mut rng)?,
-            None => t.head_epoch_images(&train_items, &mut opt, o.batch_size, &mut rng)?,
+            Some(enc) => {
+                t.epoch(Batches::Cached(enc), &|x| t.head.forward(x, true), &mut [&mut opt], o.batch_size, &mut rng)?
+            }
+            None => {
+                let net = |x: &Tensor| t.head.forward(&tch::no_grad(|| t.backbone.features(x)), true);
+                t.epoch(Batches::Images(&train_items), &net, &mut [&mut opt], o.batch_size, &mut rng)?
+            }
         };
         let (val_loss, val_acc) = t.score(&t.head.forward(&val_enc.values.to_device(o.device), false), &val_y)?;
         let stats = EpochStats {
@@ -532,6 +537,15 @@ fn labels_tensor(items: &[Item]) -> Tensor {
     Tensor::from_slice(&v)
 }
 
+/// Where an epoch's mini-batches come from.
+#[derive(Clone, Copy)]
+enum Batches<'a> {
+    /// Rows of precomputed values (features or the frozen front's output).
+    Cached(&'a Encoded),
+    /// The images, decoded and augmented for every batch.
+    Images(&'a [Item]),
+}
+
 /// The best validation result so far and a copy of its weights.
 #[derive(Default)]
 struct Best {
@@ -634,65 +648,61 @@ impl Trained {
         Ok((loss, correct as f64 / y.len().max(1) as f64))
     }
 
-    /// One epoch of head training on cached features.
-    fn head_epoch_cached(
+    /// One epoch over shuffled mini-batches of `src`: `net` maps a batch
+    /// to logits (with gradients where something trains), and every
+    /// optimizer in `opts` is zeroed, back-propagated into and stepped.
+    /// Returns the mean loss and the accuracy.
+    fn epoch(
         &self,
-        enc: &Encoded,
-        opt: &mut nn::Optimizer,
+        src: Batches,
+        net: &dyn Fn(&Tensor) -> Tensor,
+        opts: &mut [&mut nn::Optimizer],
         batch: usize,
         rng: &mut StdRng,
     ) -> Result<(f64, f64)> {
-        let n = enc.items.len();
-        let mut order: Vec<i64> = (0..n as i64).collect();
+        let labels: Vec<usize> = match src {
+            Batches::Cached(enc) => enc.items.iter().map(|i| i.label).collect(),
+            Batches::Images(items) => items.iter().map(|i| i.label).collect(),
+        };
+        let n = labels.len();
+        let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(rng);
-        let y_all = labels_tensor(&enc.items);
+        let bar = match src {
+            Batches::Images(_) => progress(n as u64, "augmented epoch"),
+            Batches::Cached(_) => indicatif::ProgressBar::hidden(),
+        };
         let (mut loss_sum, mut correct) = (0.0, 0usize);
         for chunk in order.chunks(batch.max(1)) {
-            let idx = Tensor::from_slice(chunk);
-            let x = enc.values.index_select(0, &idx).to_device(self.device);
-            let y = y_all.index_select(0, &idx);
-            let logits = self.head.forward(&x, true);
-            let loss = self.loss(&logits, &y);
-            opt.backward_step(&loss);
-            loss_sum += f64::try_from(&loss)? * chunk.len() as f64;
-            let (pred, _) = self.predict(&logits)?;
-            correct += pred.iter().zip(chunk).filter(|(p, &i)| **p == enc.items[i as usize].label).count();
-        }
-        Ok((loss_sum / n.max(1) as f64, correct as f64 / n.max(1) as f64))
-    }
-
-    /// One epoch of head training from the images themselves, augmented,
-    /// through the frozen backbone under `no_grad`.
-    fn head_epoch_images(
-        &self,
-        items: &[Item],
-        opt: &mut nn::Optimizer,
-        batch: usize,
-        rng: &mut StdRng,
-    ) -> Result<(f64, f64)> {
-        let mut order: Vec<usize> = (0..items.len()).collect();
-        order.shuffle(rng);
-        let (mut loss_sum, mut correct) = (0.0, 0usize);
-        let bar = progress(items.len() as u64, "augmented epoch");
-        for chunk in order.chunks(batch.max(1)) {
-            let inputs = chunk
-                .iter()
-                .map(|&i| data::input_of(&items[i].path, &self.pre, Some(rng)))
-                .collect::<Result<Vec<_>>>()?;
-            let x = data::stack(&inputs, &self.pre, self.device);
-            let feats = tch::no_grad(|| self.backbone.features(&x));
-            let logits = self.head.forward(&feats, true);
-            let y: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
+            let x = match src {
+                Batches::Cached(enc) => {
+                    let idx: Vec<i64> = chunk.iter().map(|&i| i as i64).collect();
+                    enc.values.index_select(0, &Tensor::from_slice(&idx)).to_device(self.device)
+                }
+                Batches::Images(items) => {
+                    let inputs = chunk
+                        .iter()
+                        .map(|&i| data::input_of(&items[i].path, &self.pre, Some(rng)))
+                        .collect::<Result<Vec<_>>>()?;
+                    data::stack(&inputs, &self.pre, self.device)
+                }
+            };
+            let logits = net(&x);
+            let y: Vec<i64> = chunk.iter().map(|&i| labels[i] as i64).collect();
             let loss = self.loss(&logits, &Tensor::from_slice(&y));
-            opt.backward_step(&loss);
+            for o in opts.iter_mut() {
+                o.zero_grad();
+            }
+            loss.backward();
+            for o in opts.iter_mut() {
+                o.step();
+            }
             loss_sum += f64::try_from(&loss)? * chunk.len() as f64;
             let (pred, _) = self.predict(&logits)?;
-            correct += pred.iter().zip(chunk).filter(|(p, &i)| **p == items[i].label).count();
+            correct += pred.iter().zip(chunk).filter(|(p, &i)| **p == labels[i]).count();
             bar.inc(chunk.len() as u64);
         }
         bar.finish_and_clear();
-        let n = items.len().max(1) as f64;
-        Ok((loss_sum / n, correct as f64 / n))
+        Ok((loss_sum / n.max(1) as f64, correct as f64 / n.max(1) as f64))
     }
 
     /// Unfreezes the last `o.fine_tune_blocks` blocks (and the head
@@ -753,10 +763,18 @@ impl Trained {
         // The head phase's best is the bar to beat.
         for epoch in first..first + o.fine_tune_epochs {
             let e0 = Instant::now();
+            let opts: &mut [&mut nn::Optimizer] = &mut [&mut opt_bb, &mut opt_head];
             let (train_loss, train_acc) = match &front_train {
-                Some(enc) => self.fine_tune_epoch_cached(enc, split, &mut opt_bb, &mut opt_head, o.batch_size, rng)?,
+                Some(enc) => {
+                    let net = |x: &Tensor| self.head.forward(&self.backbone.forward_back(x, split, false), true);
+                    self.epoch(Batches::Cached(enc), &net, opts, o.batch_size, rng)?
+                }
                 None => {
-                    self.fine_tune_epoch_images(train_items, split, &mut opt_bb, &mut opt_head, o.batch_size, rng)?
+                    let net = |x: &Tensor| {
+                        let front = tch::no_grad(|| self.backbone.forward_front(x, split));
+                        self.head.forward(&self.backbone.forward_back(&front, split, false), true)
+                    };
+                    self.epoch(Batches::Images(train_items), &net, opts, o.batch_size, rng)?
                 }
             };
             let logits = self.back_logits(&front_val.values, split, o.feature_batch);
@@ -805,76 +823,6 @@ impl Trained {
             }
             Tensor::cat(&outs, 0)
         })
-    }
-
-    fn fine_tune_epoch_cached(
-        &self,
-        enc: &Encoded,
-        split: usize,
-        opt_bb: &mut nn::Optimizer,
-        opt_head: &mut nn::Optimizer,
-        batch: usize,
-        rng: &mut StdRng,
-    ) -> Result<(f64, f64)> {
-        let n = enc.items.len();
-        let mut order: Vec<i64> = (0..n as i64).collect();
-        order.shuffle(rng);
-        let y_all = labels_tensor(&enc.items);
-        let (mut loss_sum, mut correct) = (0.0, 0usize);
-        for chunk in order.chunks(batch.max(1)) {
-            let idx = Tensor::from_slice(chunk);
-            let x = enc.values.index_select(0, &idx).to_device(self.device);
-            let y = y_all.index_select(0, &idx);
-            let logits = self.head.forward(&self.backbone.forward_back(&x, split, false), true);
-            let loss = self.loss(&logits, &y);
-            opt_bb.zero_grad();
-            opt_head.zero_grad();
-            loss.backward();
-            opt_bb.step();
-            opt_head.step();
-            loss_sum += f64::try_from(&loss)? * chunk.len() as f64;
-            let (pred, _) = self.predict(&logits)?;
-            correct += pred.iter().zip(chunk).filter(|(p, &i)| **p == enc.items[i as usize].label).count();
-        }
-        Ok((loss_sum / n.max(1) as f64, correct as f64 / n.max(1) as f64))
-    }
-
-    fn fine_tune_epoch_images(
-        &self,
-        items: &[Item],
-        split: usize,
-        opt_bb: &mut nn::Optimizer,
-        opt_head: &mut nn::Optimizer,
-        batch: usize,
-        rng: &mut StdRng,
-    ) -> Result<(f64, f64)> {
-        let mut order: Vec<usize> = (0..items.len()).collect();
-        order.shuffle(rng);
-        let (mut loss_sum, mut correct) = (0.0, 0usize);
-        let bar = progress(items.len() as u64, "fine-tune epoch");
-        for chunk in order.chunks(batch.max(1)) {
-            let inputs = chunk
-                .iter()
-                .map(|&i| data::input_of(&items[i].path, &self.pre, Some(rng)))
-                .collect::<Result<Vec<_>>>()?;
-            let x = data::stack(&inputs, &self.pre, self.device);
-            let front = tch::no_grad(|| self.backbone.forward_front(&x, split));
-            let logits = self.head.forward(&self.backbone.forward_back(&front, split, false), true);
-            let y: Vec<i64> = chunk.iter().map(|&i| items[i].label as i64).collect();
-            let loss = self.loss(&logits, &Tensor::from_slice(&y));
-            opt_bb.zero_grad();
-            opt_head.zero_grad();
-            loss.backward();
-            opt_bb.step();
-            opt_head.step();
-            loss_sum += f64::try_from(&loss)? * chunk.len() as f64;
-            let (pred, _) = self.predict(&logits)?;
-            correct += pred.iter().zip(chunk).filter(|(p, &i)| **p == items[i].label).count();
-            bar.inc(chunk.len() as u64);
-        }
-        bar.finish_and_clear();
-        let n = items.len().max(1) as f64;
-        Ok((loss_sum / n, correct as f64 / n))
     }
 
     /// Runs the whole trained network on `items` (no cache, no
