@@ -7,6 +7,7 @@ use anyhow::{bail, Result};
 use tern_model_format::dataset::Sample;
 use tern_model_format::preprocess::{open_image, preprocess};
 
+use crate::engine::label_probabilities;
 use crate::Classifier;
 
 /// The result for one image.
@@ -51,15 +52,10 @@ pub fn evaluate(
             }
         };
         let out = clf.run(&preprocess(&img, &pre))?;
-        let mut ranked = clf.top_k(&out, usize::MAX);
-        let predicted = ranked.first().map_or(0, |r| r.index);
-        ranked.sort_by_key(|r| r.index);
-        let r = ImageResult {
-            path: s.path.clone(),
-            label: s.label,
-            predicted,
-            probabilities: ranked.iter().map(|r| r.probability).collect(),
-        };
+        let probabilities = label_probabilities(clf.manifest(), &out);
+        // Ties go to the lower index, as in `engine::rank`.
+        let predicted = probabilities.iter().enumerate().fold(0, |b, (k, v)| if *v > probabilities[b] { k } else { b });
+        let r = ImageResult { path: s.path.clone(), label: s.label, predicted, probabilities };
         each(&r);
         results.push(r);
     }

@@ -425,18 +425,8 @@ pub fn train(o: &TrainOptions) -> Result<Trained> {
             }
         };
         let (val_loss, val_acc) = t.score(&t.head.forward(&val_enc.values.to_device(o.device), false), &val_y)?;
-        let stats = EpochStats {
-            phase: "head",
-            epoch,
-            train_loss,
-            train_accuracy: train_acc,
-            val_loss,
-            val_accuracy: val_acc,
-            seconds: e0.elapsed().as_secs_f64(),
-        };
-        bar.inc(1);
-        bar.println(epoch_line(&stats));
-        t.report.history.push(stats);
+        let stats = EpochStats::new("head", epoch, (train_loss, train_acc), (val_loss, val_acc), e0);
+        record(&bar, &mut t.report.history, stats);
         if best.improves(val_acc, val_loss) {
             best.keep(epoch, val_acc, val_loss, &[&t.head_vs]);
         } else if o.patience > 0 && epoch - best.epoch >= o.patience {
@@ -513,6 +503,27 @@ fn print_counts(r: &TrainReport) {
     for ((c, tr), va) in r.classes.iter().zip(&r.train_counts).zip(&r.val_counts) {
         eprintln!("  {c:>24}: {tr:>6} train {va:>6} val");
     }
+}
+
+impl EpochStats {
+    fn new(phase: &'static str, epoch: usize, train: (f64, f64), val: (f64, f64), start: Instant) -> EpochStats {
+        EpochStats {
+            phase,
+            epoch,
+            train_loss: train.0,
+            train_accuracy: train.1,
+            val_loss: val.0,
+            val_accuracy: val.1,
+            seconds: start.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// Advances the epoch bar, prints the epoch's line and keeps it.
+fn record(bar: &indicatif::ProgressBar, history: &mut Vec<EpochStats>, stats: EpochStats) {
+    bar.inc(1);
+    bar.println(epoch_line(&stats));
+    history.push(stats);
 }
 
 fn epoch_line(s: &EpochStats) -> String {
@@ -779,24 +790,14 @@ impl Trained {
             };
             let logits = self.back_logits(&front_val.values, split, o.feature_batch);
             let (val_loss, val_acc) = self.score(&logits, &val_y)?;
-            let stats = EpochStats {
-                phase: "fine-tune",
-                epoch,
-                train_loss,
-                train_accuracy: train_acc,
-                val_loss,
-                val_accuracy: val_acc,
-                seconds: e0.elapsed().as_secs_f64(),
-            };
-            bar.inc(1);
-            bar.println(epoch_line(&stats));
-            self.report.history.push(stats);
+            let stats = EpochStats::new("fine-tune", epoch, (train_loss, train_acc), (val_loss, val_acc), e0);
+            record(&bar, &mut self.report.history, stats);
             if best.improves(val_acc, val_loss) {
                 best.keep(epoch, val_acc, val_loss, &[&self.head_vs, &self.backbone_vs]);
             }
         }
         bar.finish_and_clear();
-        if best.saved.len() == 2 {
+        if best.epoch >= first {
             best.restore(&[&self.head_vs, &self.backbone_vs])?;
         } else {
             // Fine-tuning never beat the head alone: keep the head phase's
