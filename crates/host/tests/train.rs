@@ -218,7 +218,11 @@ fn bad_input_is_reported_and_odd_images_train() {
     // Odd encodings of a real photo (gray, RGBA, 16-bit, CMYK, palette,
     // EXIF-rotated) made by the pinned Pillow of the venv.
     let odd = tempfile::tempdir().unwrap();
-    let made = Command::new(fixture(".venv/bin/python"))
+    let python = match std::env::var_os("TERN_VENV") {
+        Some(v) => PathBuf::from(v).join("bin/python"),
+        None => fixture(".venv/bin/python"),
+    };
+    let made = Command::new(python)
         .arg(fixture("tests/python/make_odd_images.py"))
         .arg(fixture("data/samples/chelsea.png"))
         .arg(odd.path())

@@ -36,7 +36,16 @@ pub fn sample(name: &str) -> PathBuf {
 }
 
 pub fn python() -> PathBuf {
-    fixture("TERN_PYTHON", ".venv/bin/python")
+    // The venv scripts/setup-python.sh made: $TERN_VENV when set (as
+    // scripts/env.sh exports it), else <repo>/.venv.
+    match std::env::var_os("TERN_VENV") {
+        Some(v) if std::env::var_os("TERN_PYTHON").is_none() => {
+            let p = PathBuf::from(v).join("bin/python");
+            assert!(p.exists(), "{} is missing (TERN_VENV is set): run scripts/setup.sh first", p.display());
+            p
+        }
+        _ => fixture("TERN_PYTHON", ".venv/bin/python"),
+    }
 }
 
 /// The 1000-class EfficientNet-Lite0 bundle, exported once per test binary
