@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use tern_model_format::manifest::{Manifest, OutputKind};
 use tern_model_format::Bundle;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::konst::Const;
 
 /// The raw outputs of one inference.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,9 +29,119 @@ pub struct Ranked {
     pub probability: f32,
 }
 
+/// The float type a plan computes in.
+///
+/// `F16` applies tract's `f32_to_f16` transform to the decluttered graph
+/// before optimisation: weights and activations become half floats, which
+/// ARM cores with FP16 arithmetic (Cortex-A76 in the Raspberry Pi 5,
+/// Cortex-A78AE in Jetson Orin) run with native f16 kernels. Callers still
+/// pass f32 inputs and get f32 outputs. Elsewhere (x86-64) tract emulates
+/// f16 and it is slower than f32: it is there to check accuracy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compute {
+    /// 32-bit floats (the graph as exported).
+    #[default]
+    F32,
+    /// 16-bit floats.
+    F16,
+}
+
+impl Compute {
+    /// `"f32"` or `"f16"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compute::F32 => "f32",
+            Compute::F16 => "f16",
+        }
+    }
+
+    /// tract's datum type for this float type.
+    pub fn datum_type(self) -> DatumType {
+        match self {
+            Compute::F32 => DatumType::F32,
+            Compute::F16 => DatumType::F16,
+        }
+    }
+}
+
+impl std::fmt::Display for Compute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Compute {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Compute> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(Compute::F32),
+            "f16" | "float16" | "half" => Ok(Compute::F16),
+            _ => bail!("{s:?}: expected f32 or f16"),
+        }
+    }
+}
+
+/// Reads a bundle's graph into an optimised tract model computing in
+/// `compute`, with the manifest's input shape and its two outputs (logits,
+/// probabilities). The model's input and outputs are of `compute`'s type.
+pub fn optimized_model(bundle: &Bundle, compute: Compute) -> Result<TypedModel> {
+    let m = &bundle.manifest;
+    let mut model =
+        tract_onnx::onnx().model_for_read(&mut bundle.onnx.as_slice()).context("tract cannot read the ONNX graph")?;
+    model.select_outputs_by_name([m.io.logits.as_str(), m.io.probabilities.as_str()])?;
+    let model = model.with_input_fact(0, f32::fact(m.preprocessing.input_shape()).into())?;
+    let model = match compute {
+        Compute::F32 => model.into_optimized().context("tract cannot optimise the graph")?,
+        Compute::F16 => {
+            let mut typed =
+                model.into_typed().and_then(|t| t.into_decluttered()).context("tract cannot type the graph")?;
+            check_f16_convertible(&typed)?;
+            let transform = tract_onnx::tract_core::transform::get_transform("f32_to_f16")?
+                .context("this tract has no f32_to_f16 transform")?;
+            typed.transform(transform.as_ref()).context("tract cannot convert the graph to f16")?;
+            typed.into_optimized().context("tract cannot optimise the f16 graph")?
+        }
+    };
+    let want = compute.datum_type();
+    let input = model.input_fact(0)?.datum_type;
+    let outputs: Vec<DatumType> =
+        (0..2).map(|i| model.output_fact(i).map(|f| f.datum_type)).collect::<TractResult<_>>()?;
+    if input != want || outputs.iter().any(|&dt| dt != want) {
+        bail!("the {compute} plan takes {input:?} and gives {outputs:?}, expected {want:?} throughout");
+    }
+    Ok(model)
+}
+
+/// Refuses f16 for graphs with integer arithmetic: tract's `f32_to_f16`
+/// converts float tensors only, and the f32 scales feeding its quantized
+/// convolutions would come out as f16, which their kernels do not take. An
+/// int8-weights bundle (DequantizeLinear of constant weights, float compute)
+/// has folded into float constants by now and passes.
+fn check_f16_convertible(model: &TypedModel) -> Result<()> {
+    let int8 = |dt: DatumType| dt.is_quantized() || dt == DatumType::I8 || dt == DatumType::U8;
+    let nodes: Vec<&TypedNode> = model
+        .nodes()
+        .iter()
+        .filter(|n| !n.op_is::<Const>() && n.outputs.iter().any(|o| int8(o.fact.datum_type)))
+        .collect();
+    if let Some(first) = nodes.first() {
+        bail!(
+            "f16 needs a float graph, and this one computes in int8 ({} int8 nodes, e.g. {:?}, {}); \
+             run it in f32, or run its float original in f16",
+            nodes.len(),
+            first.name,
+            first.op().name()
+        );
+    }
+    Ok(())
+}
+
 /// A bundle ready to run: the manifest and an optimised tract plan.
 pub struct Classifier {
     manifest: Manifest,
+    compute: Compute,
     plan: TypedSimpleState,
 }
 
@@ -38,25 +149,31 @@ impl Classifier {
     /// Loads, verifies (manifest, checksum, shapes) and optimises the bundle
     /// at `path`.
     pub fn load(path: &Path) -> Result<Classifier> {
+        Classifier::load_with(path, Compute::F32)
+    }
+
+    /// [`Classifier::load`], computing in `compute`.
+    pub fn load_with(path: &Path, compute: Compute) -> Result<Classifier> {
         let bundle = Bundle::read(path).with_context(|| format!("cannot load bundle {}", path.display()))?;
-        Classifier::from_bundle(bundle).with_context(|| format!("cannot prepare bundle {}", path.display()))
+        let what = if compute == Compute::F32 { String::new() } else { format!(" for {compute}") };
+        Classifier::from_bundle_with(bundle, compute)
+            .with_context(|| format!("cannot prepare bundle {}{what}", path.display()))
     }
 
     /// Prepares an already validated bundle.
     pub fn from_bundle(bundle: Bundle) -> Result<Classifier> {
-        let m = bundle.manifest;
-        let shape = m.preprocessing.input_shape();
-        let mut model = tract_onnx::onnx()
-            .model_for_read(&mut bundle.onnx.as_slice())
-            .context("tract cannot read the ONNX graph")?;
-        model.select_outputs_by_name([m.io.logits.as_str(), m.io.probabilities.as_str()])?;
-        let plan = model
-            .with_input_fact(0, f32::fact(shape).into())?
-            .into_optimized()
-            .context("tract cannot optimise the graph")?
-            .into_runnable()?;
-        let plan = plan.spawn()?;
-        Ok(Classifier { manifest: m, plan })
+        Classifier::from_bundle_with(bundle, Compute::F32)
+    }
+
+    /// Prepares an already validated bundle, computing in `compute`.
+    pub fn from_bundle_with(bundle: Bundle, compute: Compute) -> Result<Classifier> {
+        let plan = optimized_model(&bundle, compute)?.into_runnable()?.spawn()?;
+        Ok(Classifier { manifest: bundle.manifest, compute, plan })
+    }
+
+    /// The float type the plan computes in.
+    pub fn compute(&self) -> Compute {
+        self.compute
     }
 
     /// The bundle's manifest.
@@ -71,10 +188,13 @@ impl Classifier {
         if input.len() != shape.iter().product::<usize>() {
             bail!("input has {} values, the model takes {shape:?}", input.len());
         }
-        let tensor = Tensor::from_shape(&shape, input)?;
+        let mut tensor = Tensor::from_shape(&shape, input)?;
+        if self.compute != Compute::F32 {
+            tensor = tensor.cast_to_dt(self.compute.datum_type())?.into_owned();
+        }
         let out = self.plan.run(tvec!(tensor.into()))?;
         let vec = |i: usize| -> Result<Vec<f32>> {
-            let t = out.get(i).context("missing output")?;
+            let t = out.get(i).context("missing output")?.cast_to::<f32>()?;
             Ok(t.to_plain_array_view::<f32>()?.iter().copied().collect())
         };
         let (logits, probabilities) = (vec(0)?, vec(1)?);
@@ -115,8 +235,5 @@ pub fn rank(m: &Manifest, out: &Output, k: usize) -> Vec<Ranked> {
     let probs = label_probabilities(m, out);
     let mut idx: Vec<usize> = (0..probs.len().min(m.labels.len())).collect();
     idx.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
-    idx.into_iter()
-        .take(k)
-        .map(|i| Ranked { index: i, label: m.labels[i].clone(), probability: probs[i] })
-        .collect()
+    idx.into_iter().take(k).map(|i| Ranked { index: i, label: m.labels[i].clone(), probability: probs[i] }).collect()
 }

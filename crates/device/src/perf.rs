@@ -12,6 +12,8 @@ use tract_onnx::tract_core::ops::OpState;
 use tract_onnx::tract_core::plan::{eval, EvalContext};
 use tract_onnx::tract_core::tract_linalg::multithread::{set_default_executor, Executor};
 
+use crate::engine::{optimized_model, Compute};
+
 /// Makes every tract plan run in this process use `threads` threads for its
 /// matrix products, depthwise convolutions and element-wise kernels: one
 /// thread is tract's single-threaded executor, more is a rayon pool of that
@@ -99,20 +101,19 @@ pub struct Profile {
     pub by_op: Vec<(String, usize, f64)>,
 }
 
-/// Profiles the optimised plan of `bundle_path` on `input`: every node is
-/// timed around its own evaluation, over `iters` runs after one warm-up.
-pub fn profile(bundle_path: &Path, input: &[f32], iters: usize) -> Result<Profile> {
+/// Profiles the optimised plan of `bundle_path`, computing in `compute`, on
+/// `input`: every node is timed around its own evaluation, over `iters` runs
+/// after one warm-up.
+pub fn profile(bundle_path: &Path, compute: Compute, input: &[f32], iters: usize) -> Result<Profile> {
     let bundle = Bundle::read(bundle_path).with_context(|| format!("cannot load bundle {}", bundle_path.display()))?;
     let m = &bundle.manifest;
     let shape = m.preprocessing.input_shape();
     if input.len() != shape.iter().product::<usize>() {
         bail!("input has {} values, the model takes {shape:?}", input.len());
     }
-    let mut model = tract_onnx::onnx().model_for_read(&mut bundle.onnx.as_slice())?;
-    model.select_outputs_by_name([m.io.logits.as_str(), m.io.probabilities.as_str()])?;
-    let plan = model.with_input_fact(0, f32::fact(shape).into())?.into_optimized()?.into_runnable()?;
+    let plan = optimized_model(&bundle, compute)?.into_runnable()?;
     let mut state = plan.spawn()?;
-    let tensor: TValue = Tensor::from_shape(&shape, input)?.into();
+    let tensor: TValue = Tensor::from_shape(&shape, input)?.cast_to_dt(compute.datum_type())?.into_owned().into();
     let mut times: HashMap<usize, Duration> = HashMap::new();
     for i in 0..=iters {
         let mut timer = |ctx: &EvalContext,

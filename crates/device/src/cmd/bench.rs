@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use tern_device::engine::Compute;
 use tern_device::npy;
 use tern_device::perf::{self, LatencyStats, Profile};
 use tern_device::Classifier;
@@ -46,6 +47,11 @@ pub struct Args {
     /// One JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
+    /// Compute in half floats (tract's f32_to_f16 transform): for ARM cores
+    /// with FP16 arithmetic (Raspberry Pi 5, Jetson Orin); emulated and slow
+    /// on x86-64. Float bundles and int8-weights bundles only.
+    #[arg(long)]
+    f16: bool,
 }
 
 /// What `bench` measured.
@@ -53,6 +59,8 @@ pub struct Args {
 struct Report {
     bundle: PathBuf,
     precision: String,
+    /// The float type the plan computes in (`f32`, or `f16` with `--f16`).
+    compute: Compute,
     model_bytes: u64,
     threads: usize,
     /// Load + verify + optimise the bundle, ms.
@@ -84,7 +92,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
         std::fs::metadata(&a.bundle).with_context(|| format!("cannot read {}", a.bundle.display()))?.len();
 
     let start = Instant::now();
-    let mut clf = Classifier::load(&a.bundle)?;
+    let compute = if a.f16 { Compute::F16 } else { Compute::F32 };
+    let mut clf = Classifier::load_with(&a.bundle, compute)?;
     let load = start.elapsed();
     let pre = clf.manifest().preprocessing;
     let input = match &a.image {
@@ -110,13 +119,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
 
     let frame = if a.frame { Some(frame_cost(&a, &pre)?) } else { None };
     let profile = match a.profile {
-        Some(_) => Some(perf::profile(&a.bundle, &input, a.iters.min(20))?),
+        Some(_) => Some(perf::profile(&a.bundle, compute, &input, a.iters.min(20))?),
         None => None,
     };
     let precision = Bundle::read(&a.bundle).map(|b| format!("{:?}", b.manifest.precision).to_lowercase())?;
     let report = Report {
         bundle: a.bundle.clone(),
         precision,
+        compute,
         model_bytes,
         threads: a.threads,
         load_ms: ms(load),
@@ -182,7 +192,14 @@ fn frame_cost(a: &Args, pre: &tern_model_format::Preprocessing) -> Result<FrameC
 
 fn print_text(r: &Report, top: usize) {
     let l = &r.latency;
-    println!("{} ({}, {:.2} MB, {} thread(s))", r.bundle.display(), r.precision, r.model_bytes as f64 / 1e6, r.threads);
+    println!(
+        "{} ({}, computing in {}, {:.2} MB, {} thread(s))",
+        r.bundle.display(),
+        r.precision,
+        r.compute,
+        r.model_bytes as f64 / 1e6,
+        r.threads
+    );
     println!("  load {:.1} ms, cold start (load → first result) {:.1} ms", r.load_ms, r.cold_start_ms);
     println!(
         "  latency over {} runs: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms (min {:.2}, mean {:.2}, max {:.2})",

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use tern_device::engine::Compute;
 use tern_device::{npy, Classifier, Ranked};
 use tern_model_format::preprocess::{open_image, preprocess};
 
@@ -27,6 +28,11 @@ pub struct Args {
     /// Write each preprocessed input tensor as DIR/<image stem>.npy.
     #[arg(long, value_name = "DIR")]
     dump_input: Option<PathBuf>,
+    /// Compute in half floats (tract's f32_to_f16 transform): for ARM cores
+    /// with FP16 arithmetic (Raspberry Pi 5, Jetson Orin); emulated and slow
+    /// on x86-64. Float bundles and int8-weights bundles only.
+    #[arg(long)]
+    f16: bool,
 }
 
 #[derive(serde::Serialize)]
@@ -41,7 +47,7 @@ struct Line<'a> {
 /// Classifies every image; an image that cannot be read is reported and the
 /// others still run (the exit code is then non-zero).
 pub fn run(a: Args) -> Result<ExitCode> {
-    let mut clf = Classifier::load(&a.bundle)?;
+    let mut clf = Classifier::load_with(&a.bundle, if a.f16 { Compute::F16 } else { Compute::F32 })?;
     if let Some(dir) = &a.dump_input {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
