@@ -220,6 +220,10 @@ fn print_text(r: &Report, top: usize) {
         for (op, count, t) in &p.by_op {
             println!("    {t:>8.3} ms {:>5.1}%  {count:>3} × {op}", 100.0 * t / p.total_ms);
         }
+        println!("  by layer kind (each node counted in the ONNX layer its name starts with):");
+        for (kind, count, t) in &p.by_kind {
+            println!("    {t:>8.3} ms {:>5.1}%  {count:>3} nodes  {kind}", 100.0 * t / p.total_ms);
+        }
         println!("  slowest {top} nodes:");
         for n in p.nodes.iter().take(top) {
             println!("    {:>8.3} ms  {:<14} {}", n.mean_ms, n.op, n.name);
