@@ -3,12 +3,13 @@
 # input tensor and the same thread counts, in one run; prints a table with
 # the ratios.
 #
-#   scripts/bench-compare.sh [--iters N] [--threads "1 2"] [--image PNG] [--profile] BUNDLE.onnx...
+#   scripts/bench-compare.sh [--iters N] [--threads "1 2"] [--image PNG] [--profile] [--results FILE] BUNDLE.onnx...
 #
 # e.g. scripts/bench-compare.sh models/imagenet-efficientnet-lite0.onnx models/imagenet-int8.onnx
 # --profile: also per layer kind (pointwise 1x1, depthwise, full conv, head,
 # other), tract's per-node times next to onnxruntime's profiler, per bundle
 # and thread count: kind | tract ms | onnxruntime ms | ratio | share of the gap.
+# --results FILE: keep every measurement (JSON lines, per-node times included).
 # Needs the venv (scripts/setup-python.sh) and builds tern-device (release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ iters=100
 threads="1 2"
 image=data/samples/chelsea.png
 profile=()
+keep=
 bundles=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -25,11 +27,12 @@ while [ $# -gt 0 ]; do
     --threads) threads="$2"; shift 2 ;;
     --image) image="$2"; shift 2 ;;
     --profile) profile=(--profile); shift ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    --results) keep="$2"; shift 2 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
     *) bundles+=("$1"); shift ;;
   esac
 done
-[ ${#bundles[@]} -gt 0 ] || { echo "usage: $0 [--iters N] [--threads \"1 2\"] [--image PNG] [--profile] BUNDLE.onnx..." >&2; exit 2; }
+[ ${#bundles[@]} -gt 0 ] || { echo "usage: $0 [--iters N] [--threads \"1 2\"] [--image PNG] [--profile] [--results FILE] BUNDLE.onnx..." >&2; exit 2; }
 for b in "${bundles[@]}"; do [ -f "$b" ] || { echo "$b: no such bundle" >&2; exit 2; }; done
 
 cargo build --release -p tern-device --quiet
@@ -48,6 +51,8 @@ for b in "${bundles[@]}"; do
     python tests/python/ort_bench.py "$b" --input "$input" --threads "$t" --iters "$iters" "${profile[@]}" >>"$results"
   done
 done
+
+[ -z "$keep" ] || cp "$results" "$keep"
 
 python - "$results" <<'EOF'
 import json, sys

@@ -92,11 +92,11 @@ pub fn optimized_model(bundle: &Bundle, compute: Compute) -> Result<TypedModel> 
         tract_onnx::onnx().model_for_read(&mut bundle.onnx.as_slice()).context("tract cannot read the ONNX graph")?;
     model.select_outputs_by_name([m.io.logits.as_str(), m.io.probabilities.as_str()])?;
     let model = model.with_input_fact(0, f32::fact(m.preprocessing.input_shape()).into())?;
+    let mut typed = model.into_typed().and_then(|t| t.into_decluttered()).context("tract cannot type the graph")?;
+    fold_constants(&mut typed).context("tract cannot fold the graph's constants")?;
     let model = match compute {
-        Compute::F32 => model.into_optimized().context("tract cannot optimise the graph")?,
+        Compute::F32 => typed.into_optimized().context("tract cannot optimise the graph")?,
         Compute::F16 => {
-            let mut typed =
-                model.into_typed().and_then(|t| t.into_decluttered()).context("tract cannot type the graph")?;
             check_f16_convertible(&typed)?;
             let transform = tract_onnx::tract_core::transform::get_transform("f32_to_f16")?
                 .context("this tract has no f32_to_f16 transform")?;
@@ -112,6 +112,42 @@ pub fn optimized_model(bundle: &Bundle, compute: Compute) -> Result<TypedModel> 
         bail!("the {compute} plan takes {input:?} and gives {outputs:?}, expected {want:?} throughout");
     }
     Ok(model)
+}
+
+/// Largest constant [`fold_constants`] makes, bytes.
+const FOLD_LIMIT: usize = 64 << 20;
+
+/// Replaces every node whose inputs are all constants by the constant it
+/// computes, up to [`FOLD_LIMIT`] bytes. tract folds only results within
+/// max(inputs, 4 MiB) (`CONST_FOLD_MEM_BUDGET`, tract-core
+/// `optim/prop_const.rs`), so the f32 image of a large int8 weight — the
+/// 1000×1280 classifier of an int8-weights ImageNet bundle, 5.1 MB — would
+/// be dequantized (Cast, Mul) and packed again at every inference.
+fn fold_constants(model: &mut TypedModel) -> TractResult<()> {
+    'again: loop {
+        for id in model.eval_order()? {
+            let node = model.node(id);
+            if node.inputs.is_empty() || node.op_is::<Const>() {
+                continue;
+            }
+            let inputs: Option<TVec<TValue>> =
+                model.node_input_facts(id)?.iter().map(|f| f.konst.clone().map(|t| t.into_tvalue())).collect();
+            let Some(inputs) = inputs else { continue };
+            let Ok(Some(outputs)) = node.op.eval_out_of_plan(inputs) else { continue };
+            if outputs.iter().map(|t| t.len() * t.datum_type().size_of()).sum::<usize>() > FOLD_LIMIT {
+                continue;
+            }
+            let name = node.name.clone();
+            let mut patch = TypedModelPatch::default();
+            for (ix, t) in outputs.into_iter().enumerate() {
+                let wire = patch.add_const(format!("{name}.folded.{ix}"), t.into_arc_tensor())?;
+                patch.shunt_outside(model, OutletId::new(id, ix), wire)?;
+            }
+            patch.apply(model)?;
+            continue 'again;
+        }
+        return Ok(());
+    }
 }
 
 /// Refuses f16 for graphs with integer arithmetic: tract's `f32_to_f16`
