@@ -133,7 +133,13 @@ impl Calibrator {
         let last = (BINS - 1) as f32;
         for &v in values.iter().filter(|v| v.is_finite()) {
             s.hist[(((v - lo) / width) * BINS as f32).clamp(0.0, last) as usize] += 1;
-            s.abs_hist[((v.abs() / amax) * BINS as f32).clamp(0.0, last) as usize] += 1;
+            // Exact zeros (ReLU's, padding's) are exact at every threshold
+            // (the zero point), so they say nothing about where to clip; in
+            // the histogram their spike made every merged first bin look
+            // costly and drove the search to the smallest threshold.
+            if v != 0.0 {
+                s.abs_hist[((v.abs() / amax) * BINS as f32).clamp(0.0, last) as usize] += 1;
+            }
         }
     }
 
@@ -367,7 +373,9 @@ fn f_name(n: &onnx::NodeProto) -> String {
     n.input.get(1).map(|w| layer_name(w)).unwrap_or_default()
 }
 
-fn layer_name(weight: &str) -> String {
+/// The layer name of a weight tensor (`_blocks.3._project_conv.weight` →
+/// `_blocks.3._project_conv`), as `Options::float_layers` takes it.
+pub fn layer_name(weight: &str) -> String {
     weight.strip_suffix(".weight").unwrap_or(weight).to_owned()
 }
 
@@ -770,6 +778,19 @@ mod tests {
         // TensorRT does from 128): here it clips the lone outlier away.
         let e = run(Method::Entropy);
         assert!(e.max <= 50.0 * 256.0 / 2048.0 + 1e-3 && e.min == 0.0, "{e:?}");
+    }
+
+    #[test]
+    fn entropy_is_not_pulled_down_by_the_zeros_of_a_relu() {
+        // 60% exact zeros (as after ReLU6), the rest spread evenly over
+        // [0, 6): no outliers, so the range must stay close to 6.
+        let values: Vec<f32> =
+            (0..100_000).map(|i| if i % 10 < 6 { 0.0 } else { 6.0 * ((i * 7919) % 1000) as f32 / 1000.0 }).collect();
+        let mut c = Calibrator::new(Method::Entropy);
+        c.observe_range("x", &values);
+        c.observe_histogram("x", &values);
+        let e = c.ranges().unwrap()["x"];
+        assert!(e.min == 0.0 && e.max > 5.0, "{e:?}");
     }
 
     #[test]
