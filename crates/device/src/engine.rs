@@ -87,6 +87,9 @@ impl std::str::FromStr for Compute {
 /// `compute`, with the manifest's input shape and its two outputs (logits,
 /// probabilities). The model's input and outputs are of `compute`'s type.
 pub fn optimized_model(bundle: &Bundle, compute: Compute) -> Result<TypedModel> {
+    // Before declutter: it moves depthwise layers channel-last only where
+    // tract has a channel-last depthwise kernel.
+    crate::kernels::ensure_registered();
     let m = &bundle.manifest;
     let mut model =
         tract_onnx::onnx().model_for_read(&mut bundle.onnx.as_slice()).context("tract cannot read the ONNX graph")?;

@@ -63,6 +63,9 @@ struct Report {
     compute: Compute,
     model_bytes: u64,
     threads: usize,
+    /// tract-linalg's channel-last depthwise kernel on this machine (`None`:
+    /// depthwise layers stay channel-first).
+    depthwise_kernel: Option<&'static str>,
     /// Load + verify + optimise the bundle, ms.
     load_ms: f64,
     /// Load → first result, ms.
@@ -129,6 +132,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         compute,
         model_bytes,
         threads: a.threads,
+        depthwise_kernel: tern_device::kernels::depthwise_c_kernel_name(),
         load_ms: ms(load),
         cold_start_ms: ms(cold),
         latency,
@@ -201,6 +205,10 @@ fn print_text(r: &Report, top: usize) {
         r.threads
     );
     println!("  load {:.1} ms, cold start (load → first result) {:.1} ms", r.load_ms, r.cold_start_ms);
+    match r.depthwise_kernel {
+        Some(k) => println!("  depthwise layers channel-last with {k}"),
+        None => println!("  depthwise layers channel-first (no channel-last depthwise kernel on this machine)"),
+    }
     println!(
         "  latency over {} runs: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms (min {:.2}, mean {:.2}, max {:.2})",
         l.n, l.p50_ms, l.p90_ms, l.p99_ms, l.min_ms, l.mean_ms, l.max_ms
