@@ -27,6 +27,10 @@ use tern_model_format::{Bundle, Manifest, Preprocessing};
 /// Images per forward pass.
 const BATCH: usize = 16;
 
+/// Calibration images used to rank the layers by sensitivity (enough to
+/// rank them; each layer costs a forward pass over them).
+pub const SENSITIVITY_IMAGES: usize = 32;
+
 /// A progress bar on stderr (hidden when stderr is not a terminal).
 fn progress(len: u64, msg: &str) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
@@ -103,6 +107,14 @@ impl OnnxNet {
         })
     }
 
+    /// The same graph with the constant `name` replaced by `value`.
+    pub fn with_const(&self, name: &str, value: Tensor) -> OnnxNet {
+        let mut consts: HashMap<String, Tensor> =
+            self.consts.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+        consts.insert(name.to_owned(), value);
+        OnnxNet { nodes: self.nodes.clone(), consts, input: self.input.clone(), logits: self.logits.clone() }
+    }
+
     /// Runs a batch `[N, 3, H, W]`; `visit` sees every tensor named in
     /// `watch` as it is produced. Returns the logits `[N, width]`.
     pub fn run(&self, x: &Tensor, watch: &[String], mut visit: impl FnMut(&str, &Tensor)) -> Result<Tensor> {
@@ -166,6 +178,15 @@ impl OnnxNet {
         }
         values.remove(self.logits.as_str()).with_context(|| format!("the graph does not compute `{}`", self.logits))
     }
+}
+
+/// `w` rounded to int8 with one symmetric scale per output channel (axis
+/// 0), as [`tern_model_format::quantize`] stores weights, back in float.
+fn fake_quant_per_channel(w: &Tensor) -> Tensor {
+    let dims: Vec<i64> = (1..w.dim() as i64).collect();
+    let amax = if dims.is_empty() { w.abs() } else { w.abs().amax(dims.as_slice(), true) };
+    let scale = (amax / 127.0).clamp_min(f64::from(f32::MIN_POSITIVE));
+    (w / &scale).round().clamp(-127.0, 127.0) * scale
 }
 
 fn conv(n: &onnx::NodeProto, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -412,26 +433,34 @@ pub fn compare(
 pub struct Request<'a> {
     /// The float bundle.
     pub bundle: &'a Path,
-    /// Calibration images (a folder, searched recursively).
-    pub calib_data: &'a Path,
-    /// How many calibration images.
-    pub calib_images: usize,
-    /// Range method.
-    pub method: Method,
-    /// Graph options.
-    pub options: Options,
-    /// Held-out images for the float-vs-int8 comparison (must not overlap
-    /// the calibration images).
-    pub eval_data: Option<&'a Path>,
-    /// How many held-out images.
-    pub eval_images: usize,
+    /// Calibration images.
+    pub calib_files: &'a [PathBuf],
+    /// Where they came from (recorded in the manifest).
+    pub calib_source: String,
+    /// Held-out images for the float-vs-int8 comparison (none: no
+    /// comparison). Calibration images among them are an error.
+    pub eval_files: &'a [PathBuf],
+    /// Where they came from (recorded in the manifest).
+    pub eval_source: String,
     /// Where to write the int8 bundle.
     pub out: &'a Path,
-    /// Seed of the image draws.
+    /// Seed of the image draws (recorded).
     pub seed: u64,
-    /// Correct the biases of int8-weight float layers with the mean
-    /// inputs measured on the calibration images.
-    pub bias_correction: bool,
+}
+
+/// Up to `max` images of `dir` (seeded draw) that are not among `calib`.
+/// An error when every image of `dir` is a calibration image.
+pub fn held_out(dir: &Path, calib: &[PathBuf], max: usize, seed: u64) -> Result<Vec<PathBuf>> {
+    let calib: std::collections::HashSet<PathBuf> = calib.iter().filter_map(|f| f.canonicalize().ok()).collect();
+    let files: Vec<PathBuf> = pick_images(dir, usize::MAX, seed ^ 0x5EED)?
+        .into_iter()
+        .filter(|f| f.canonicalize().map(|c| !calib.contains(&c)).unwrap_or(true))
+        .take(max)
+        .collect();
+    if files.is_empty() {
+        bail!("{}: every image is also a calibration image; give held-out images", dir.display());
+    }
+    Ok(files)
 }
 
 /// What [`quantize_bundle`] did.
@@ -444,72 +473,293 @@ pub struct Outcome {
     pub sizes: (u64, u64),
 }
 
-/// Calibrates, quantizes, evaluates and writes the int8 bundle.
-pub fn quantize_bundle(r: &Request) -> Result<Outcome> {
-    let bundle = Bundle::read(r.bundle).with_context(|| format!("cannot load bundle {}", r.bundle.display()))?;
-    if bundle.manifest.precision != tern_model_format::manifest::Precision::F32 {
-        bail!("{}: already quantized ({:?}); quantize the float bundle", r.bundle.display(), bundle.manifest.precision);
+/// One way to quantize: a range method, graph options and bias correction.
+#[derive(Debug, Clone)]
+pub struct Recipe {
+    /// Range method.
+    pub method: Method,
+    /// Graph options.
+    pub options: Options,
+    /// Bias correction of int8-weight float layers.
+    pub bias_correction: bool,
+    /// Keep the weights of the most sensitive layers in float (see
+    /// [`Session::sensitivity`]) as long as the graph stays this many
+    /// times smaller than the float one; `None`: every layer int8.
+    pub min_shrink: Option<f64>,
+}
+
+impl Recipe {
+    /// A short name, e.g. `static/percentile-99.99/per-tensor`.
+    pub fn name(&self) -> String {
+        let scheme = match self.options.scheme {
+            tern_model_format::quantize::Scheme::Weights => "weights",
+            tern_model_format::quantize::Scheme::Static => "static",
+        };
+        let mut s = format!("{scheme}/{}", method_name(self.method));
+        if self.options.scheme == tern_model_format::quantize::Scheme::Static {
+            s.push_str(if self.options.per_channel { "/per-channel" } else { "/per-tensor" });
+        }
+        if !self.options.float_layers.is_empty() {
+            s.push_str(&format!("/float:{}", self.options.float_layers.join("+")));
+        }
+        if !self.bias_correction {
+            s.push_str("/no-bias-correction");
+        }
+        if let Some(r) = self.min_shrink {
+            s.push_str(&format!("/sensitive-float-{r}x"));
+        }
+        s
     }
-    let model = onnx::ModelProto::decode(bundle.onnx.as_slice()).context("cannot decode the ONNX model")?;
-    let graph = model.graph.context("the model has no graph")?;
-    let float = OnnxNet::new(&graph, &bundle.manifest)?;
-    let pre = bundle.manifest.preprocessing;
+}
 
-    let calib_files = pick_images(r.calib_data, r.calib_images, r.seed)?;
-    let names = calibration_tensors(&graph, &r.options)?;
-    let mean_names = if r.bias_correction { mean_tensors(&graph, &r.options)? } else { Vec::new() };
-    let mut options = r.options.clone();
-    let ranges = if names.is_empty() && mean_names.is_empty() {
-        BTreeMap::new()
-    } else {
-        let (batches, _) = load_batches(&calib_files, &pre, "calibration")?;
-        if !mean_names.is_empty() {
-            options.input_means = channel_means(&float, &batches, &mean_names)?;
-        }
-        if names.is_empty() {
-            BTreeMap::new()
-        } else {
-            calibrate(&float, &batches, &names, r.method)?
-        }
-    };
-    let used_images = !(names.is_empty() && mean_names.is_empty());
-    let (qgraph, mut record) = quantize_graph(&graph, &ranges, &options)?;
-    let mut manifest = bundle.manifest.clone();
-    let method = match r.method {
-        Method::MinMax => serde_json::json!({"method": "minmax"}),
-        Method::Percentile(p) => serde_json::json!({"method": "percentile", "percentile": p}),
-        Method::Entropy => serde_json::json!({"method": "entropy", "bins": tern_model_format::quantize::BINS}),
-    };
-    record["calibration"] = serde_json::json!({
-        "ranges": method,
-        "images": if used_images { calib_files.len() } else { 0 },
-        "bias_correction": r.bias_correction,
-        "source": r.calib_data.display().to_string(),
-        "seed": r.seed,
-    });
-    record["float_bundle_graph_sha256"] = bundle.manifest.graph_sha256.clone().into();
+fn method_name(m: Method) -> String {
+    match m {
+        Method::MinMax => "minmax".into(),
+        Method::Percentile(p) => format!("percentile-{p}"),
+        Method::Entropy => "entropy".into(),
+    }
+}
 
-    let comparison = match r.eval_data {
-        Some(dir) => {
-            let calib: std::collections::HashSet<PathBuf> =
-                calib_files.iter().filter_map(|f| f.canonicalize().ok()).collect();
-            let eval_files: Vec<PathBuf> = pick_images(dir, usize::MAX, r.seed ^ 0x5EED)?
-                .into_iter()
-                .filter(|f| f.canonicalize().map(|c| !calib.contains(&c)).unwrap_or(true))
-                .take(r.eval_images)
+/// How much one layer's int8 weights alone move the logits.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Sensitivity {
+    /// The layer (its weight's name without `.weight`).
+    pub layer: String,
+    /// Mean |Δ logit| against the float graph.
+    pub mean_abs_logit_diff: f64,
+    /// Weights in the layer.
+    pub params: usize,
+}
+
+/// An int8 graph made by a [`Session`], not yet written.
+pub struct Quantized {
+    /// The recipe.
+    pub recipe: Recipe,
+    /// The graph.
+    pub graph: onnx::GraphProto,
+    /// The manifest to write with it.
+    pub manifest: Manifest,
+    /// The float-vs-int8 comparison on the held-out images.
+    pub comparison: Option<Comparison>,
+}
+
+impl Quantized {
+    /// Writes the bundle (atomically, checksummed) to `out`.
+    pub fn write(&self, out: &Path) -> Result<Manifest> {
+        tern_model_format::bundle::write(out, self.graph.clone(), self.manifest.clone())
+            .with_context(|| format!("cannot write {}", out.display()))
+    }
+}
+
+/// A float bundle with its calibration and held-out images loaded once, to
+/// try one or more [`Recipe`]s.
+pub struct Session<'a> {
+    request: &'a Request<'a>,
+    bundle: Bundle,
+    graph: onnx::GraphProto,
+    float: OnnxNet,
+    calib: Option<Vec<Tensor>>,
+    eval: Option<(Vec<Tensor>, Vec<PathBuf>)>,
+    sensitivity: Option<Vec<Sensitivity>>,
+}
+
+impl<'a> Session<'a> {
+    /// Loads the float bundle and checks the image lists.
+    pub fn new(r: &'a Request<'a>) -> Result<Session<'a>> {
+        let bundle = Bundle::read(r.bundle).with_context(|| format!("cannot load bundle {}", r.bundle.display()))?;
+        if bundle.manifest.precision != tern_model_format::manifest::Precision::F32 {
+            bail!(
+                "{}: already quantized ({:?}); quantize the float bundle",
+                r.bundle.display(),
+                bundle.manifest.precision
+            );
+        }
+        let model = onnx::ModelProto::decode(bundle.onnx.as_slice())
+            .with_context(|| format!("{}: cannot decode the ONNX model", r.bundle.display()))?;
+        let graph = model.graph.with_context(|| format!("{}: the model has no graph", r.bundle.display()))?;
+        let float = OnnxNet::new(&graph, &bundle.manifest)?;
+        if r.calib_files.is_empty() {
+            bail!("no calibration images");
+        }
+        let calib: std::collections::HashSet<PathBuf> =
+            r.calib_files.iter().filter_map(|f| f.canonicalize().ok()).collect();
+        if let Some(f) = r.eval_files.iter().find(|f| f.canonicalize().is_ok_and(|c| calib.contains(&c))) {
+            bail!(
+                "{} is both a calibration and a held-out image; held-out images must be new to the model",
+                f.display()
+            );
+        }
+        Ok(Session { request: r, bundle, graph, float, calib: None, eval: None, sensitivity: None })
+    }
+
+    fn calib_batches(&mut self) -> Result<&[Tensor]> {
+        if self.calib.is_none() {
+            let (b, _) = load_batches(self.request.calib_files, &self.bundle.manifest.preprocessing, "calibration")?;
+            self.calib = Some(b);
+        }
+        Ok(self.calib.as_deref().unwrap_or_default())
+    }
+
+    /// How much each weight layer alone moves the logits when its weights
+    /// become int8 (every other layer float): mean |Δ logit| over (at most
+    /// [`SENSITIVITY_IMAGES`] of) the calibration images, most sensitive
+    /// first. Computed once per session.
+    pub fn sensitivity(&mut self) -> Result<&[Sensitivity]> {
+        if self.sensitivity.is_none() {
+            self.calib_batches()?;
+            // Evenly spaced over all calibration images: a list sorted by
+            // class folder would otherwise be ranked on its first classes.
+            let all = self.calib.as_deref().unwrap_or_default();
+            let batches: Vec<Tensor> = if all.is_empty() {
+                Vec::new()
+            } else {
+                let all = Tensor::cat(all, 0);
+                let n = all.size()[0];
+                let step = (n / SENSITIVITY_IMAGES as i64).max(1);
+                let rows = Tensor::arange_start_step(0, n, step, (Kind::Int64, all.device()));
+                let rows = rows.narrow(0, 0, rows.size()[0].min(SENSITIVITY_IMAGES as i64));
+                all.index_select(0, &rows).split(BATCH as i64, 0)
+            };
+            let reference: Vec<Tensor> =
+                batches.iter().map(|x| tch::no_grad(|| self.float.run(x, &[], |_, _| {}))).collect::<Result<_>>()?;
+            let params: HashMap<&str, usize> = self
+                .graph
+                .initializer
+                .iter()
+                .map(|t| (t.name.as_deref().unwrap_or_default(), t.dims.iter().product::<i64>().max(0) as usize))
                 .collect();
-            if eval_files.is_empty() {
-                bail!("{}: every image is also a calibration image; give held-out images", dir.display());
+            let layers: Vec<(&String, usize)> = self
+                .graph
+                .node
+                .iter()
+                .filter(|n| matches!(n.op_type.as_deref(), Some("Conv" | "Gemm")))
+                .filter_map(|n| n.input.get(1))
+                .map(|w| (w, params.get(w.as_str()).copied().unwrap_or(0)))
+                .collect();
+            let bar = progress(layers.len() as u64, "layer sensitivity");
+            let mut out = Vec::new();
+            for (w, n) in &layers {
+                bar.inc(1);
+                let net = match self.float.consts.get(w.as_str()) {
+                    Some(t) => self.float.with_const(w, fake_quant_per_channel(t)),
+                    None => continue,
+                };
+                let (mut sum, mut count) = (0f64, 0f64);
+                for (x, r) in batches.iter().zip(&reference) {
+                    let y = tch::no_grad(|| net.run(x, &[], |_, _| {}))?;
+                    sum += (&y - r).abs().sum(Kind::Double).double_value(&[]);
+                    count += r.numel() as f64;
+                }
+                out.push(Sensitivity {
+                    layer: tern_model_format::quantize::layer_name(w),
+                    mean_abs_logit_diff: sum / count.max(1.0),
+                    params: *n,
+                });
             }
+            bar.finish_and_clear();
+            out.sort_by(|a, b| b.mean_abs_logit_diff.total_cmp(&a.mean_abs_logit_diff));
+            self.sensitivity = Some(out);
+        }
+        Ok(self.sensitivity.as_deref().unwrap_or_default())
+    }
+
+    /// The layers to keep float for `min_shrink`: by sensitivity per
+    /// parameter (the cheapest fixes first), while the int8 graph stays
+    /// `min_shrink`× smaller than the float one.
+    fn sensitive_layers(&mut self, options: &Options, min_shrink: f64) -> Result<Vec<String>> {
+        // The ratio is between the files, manifests included: the float
+        // bundle's manifest is carried over, and the int8 one adds the
+        // quantization record (with the sensitivity table) and the
+        // comparison; their size is estimated with a margin.
+        let float_file = file_size(self.request.bundle) as f64;
+        let carried = (float_file - self.graph.encoded_len() as f64).max(0.0);
+        // Weight storage is the same in both schemes, and the weights-only
+        // graph needs no activation ranges.
+        let weights_only = Options { scheme: tern_model_format::quantize::Scheme::Weights, ..options.clone() };
+        let (all_int8, record) = quantize_graph(&self.graph, &BTreeMap::new(), &weights_only)?;
+        let ranked: Vec<Sensitivity> = self.sensitivity()?.to_vec();
+        let pretty = |v: serde_json::Value| serde_json::to_string_pretty(&v).map_or(0, |s| s.len()) as f64;
+        // Nested in the manifest, the record is indented deeper than alone.
+        let added = 1.25 * (pretty(record) + pretty(serde_json::json!(ranked))) + 2048.0;
+        let mut room = float_file / min_shrink.max(1.0) - (all_int8.encoded_len() as f64 + carried + added);
+        let mut ranked = ranked;
+        ranked.sort_by(|a, b| {
+            let per = |s: &Sensitivity| s.mean_abs_logit_diff / s.params.max(1) as f64;
+            per(b).total_cmp(&per(a))
+        });
+        let mut keep = Vec::new();
+        for s in ranked {
+            // float32 instead of int8: three more bytes a weight.
+            let extra = 3.0 * s.params as f64;
+            if s.mean_abs_logit_diff > 0.0 && extra <= room && !options.float_layers.contains(&s.layer) {
+                room -= extra;
+                keep.push(s.layer);
+            }
+        }
+        Ok(keep)
+    }
+
+    /// Calibrates, quantizes and (with held-out images) compares one recipe.
+    pub fn quantize(&mut self, recipe: &Recipe) -> Result<Quantized> {
+        let r = self.request;
+        let names = calibration_tensors(&self.graph, &recipe.options)?;
+        let mean_names = if recipe.bias_correction { mean_tensors(&self.graph, &recipe.options)? } else { Vec::new() };
+        let mut options = recipe.options.clone();
+        let mut kept_float = Vec::new();
+        if let Some(shrink) = recipe.min_shrink {
+            kept_float = self.sensitive_layers(&options, shrink)?;
+            options.float_layers.extend(kept_float.iter().cloned());
+        }
+        let used_images = !(names.is_empty() && mean_names.is_empty());
+        let mut ranges = BTreeMap::new();
+        if !mean_names.is_empty() {
+            self.calib_batches()?;
+            options.input_means = channel_means(&self.float, self.calib.as_deref().unwrap_or_default(), &mean_names)?;
+        }
+        if !names.is_empty() {
+            self.calib_batches()?;
+            ranges = calibrate(&self.float, self.calib.as_deref().unwrap_or_default(), &names, recipe.method)?;
+        }
+        let (qgraph, mut record) = quantize_graph(&self.graph, &ranges, &options)?;
+        let mut manifest = self.bundle.manifest.clone();
+        let method = match recipe.method {
+            Method::MinMax => serde_json::json!({"method": "minmax"}),
+            Method::Percentile(p) => serde_json::json!({"method": "percentile", "percentile": p}),
+            Method::Entropy => serde_json::json!({"method": "entropy", "bins": tern_model_format::quantize::BINS}),
+        };
+        record["recipe"] = recipe.name().into();
+        if let Some(shrink) = recipe.min_shrink {
+            record["sensitive_float"] = serde_json::json!({
+                "min_shrink": shrink,
+                "kept_float": kept_float,
+                "measure": format!("mean |Δ logit| on up to {SENSITIVITY_IMAGES} calibration images with only that layer's weights int8"),
+                "sensitivity": self.sensitivity.as_deref().unwrap_or_default(),
+            });
+        }
+        record["calibration"] = serde_json::json!({
+            "ranges": method,
+            "images": if used_images { r.calib_files.len() } else { 0 },
+            "bias_correction": recipe.bias_correction,
+            "source": r.calib_source,
+            "seed": r.seed,
+        });
+        record["float_bundle_graph_sha256"] = self.bundle.manifest.graph_sha256.clone().into();
+
+        let comparison = if r.eval_files.is_empty() {
+            None
+        } else {
+            if self.eval.is_none() {
+                self.eval = Some(load_batches(r.eval_files, &manifest.preprocessing, "held-out")?);
+            }
+            let (batches, kept) = self.eval.as_ref().map(|(b, k)| (b.as_slice(), k.as_slice())).unwrap_or_default();
             let int8 = OnnxNet::new(&qgraph, &manifest)?;
-            let (batches, kept) = load_batches(&eval_files, &pre, "held-out")?;
-            let c = compare(&float, &int8, &batches, &kept, &manifest.labels)?;
+            let c = compare(&self.float, &int8, batches, kept, &manifest.labels)?;
             let mut metrics = manifest.metrics.take().unwrap_or_else(|| serde_json::json!({}));
             if !metrics.is_object() {
                 metrics = serde_json::json!({"previous": metrics});
             }
             metrics["int8_vs_float"] = serde_json::json!({
-                "held_out": dir.display().to_string(),
+                "held_out": r.eval_source,
                 "images": c.images,
                 "top1_agreement": c.top1_agreement,
                 "float_accuracy": c.float_accuracy,
@@ -519,14 +769,191 @@ pub fn quantize_bundle(r: &Request) -> Result<Outcome> {
             });
             manifest.metrics = Some(metrics);
             Some(c)
-        }
-        None => None,
+        };
+        manifest.precision = tern_model_format::manifest::Precision::Int8;
+        manifest.quantization = Some(record);
+        manifest.provenance.created_by = format!("tern-host {} quantize", env!("CARGO_PKG_VERSION"));
+        Ok(Quantized { recipe: recipe.clone(), graph: qgraph, manifest, comparison })
+    }
+}
+
+/// The ONNX graph of the float bundle at `path`.
+pub fn float_graph(path: &Path) -> Result<onnx::GraphProto> {
+    let bundle = Bundle::read(path).with_context(|| format!("cannot load bundle {}", path.display()))?;
+    let model = onnx::ModelProto::decode(bundle.onnx.as_slice())
+        .with_context(|| format!("{}: cannot decode the ONNX model", path.display()))?;
+    model.graph.with_context(|| format!("{}: the model has no graph", path.display()))
+}
+
+fn file_size(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Calibrates, quantizes, evaluates and writes the int8 bundle.
+pub fn quantize_bundle(r: &Request, recipe: &Recipe) -> Result<Outcome> {
+    let mut session = Session::new(r)?;
+    let q = session.quantize(recipe)?;
+    let manifest = q.write(r.out)?;
+    Ok(Outcome { manifest, comparison: q.comparison, sizes: (file_size(r.bundle), file_size(r.out)) })
+}
+
+/// One candidate tried by [`auto`].
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Tried {
+    /// The recipe's name.
+    pub recipe: String,
+    /// int8 top-1 equal to float top-1, fraction of the held-out images.
+    pub top1_agreement: f64,
+    /// Float accuracy on the held-out images (labelled folders only).
+    pub float_accuracy: Option<f64>,
+    /// int8 accuracy, likewise.
+    pub int8_accuracy: Option<f64>,
+    /// The accuracy drop in points (float − int8); without labels, the
+    /// share of images whose top-1 changed, in points.
+    pub drop_points: f64,
+    /// Median latency measured by the benchmark, ms.
+    pub latency_ms: f64,
+    /// File size, bytes.
+    pub bytes: u64,
+    /// Whether the drop is within the budget.
+    pub within_budget: bool,
+}
+
+/// What [`auto`] did.
+pub struct AutoOutcome {
+    /// The written bundle's manifest.
+    pub manifest: Manifest,
+    /// The chosen recipe.
+    pub chosen: String,
+    /// The float bundle's latency, ms.
+    pub float_latency_ms: f64,
+    /// Every candidate, in the order tried.
+    pub tried: Vec<Tried>,
+    /// Size of the float and int8 files in bytes.
+    pub sizes: (u64, u64),
+}
+
+/// The candidates of `--auto`: the int8-weight scheme, static int8 with
+/// each calibration method, per-channel weight scales, and static int8
+/// with the first and last convolutions (the usual sensitive layers) kept
+/// in float.
+pub fn auto_recipes(graph: &onnx::GraphProto, percentile: f64) -> Vec<Recipe> {
+    use tern_model_format::quantize::Scheme;
+    let opts = |scheme, per_channel, float_layers: Vec<String>| Options {
+        scheme,
+        per_channel,
+        float_layers,
+        input_means: Default::default(),
     };
-    manifest.precision = tern_model_format::manifest::Precision::Int8;
-    manifest.quantization = Some(record);
-    manifest.provenance.created_by = format!("tern-host {} quantize", env!("CARGO_PKG_VERSION"));
-    let manifest = tern_model_format::bundle::write(r.out, qgraph, manifest)
-        .with_context(|| format!("cannot write {}", r.out.display()))?;
-    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    Ok(Outcome { manifest, comparison, sizes: (size(r.bundle), size(r.out)) })
+    let r = |method, options| Recipe { method, options, bias_correction: true, min_shrink: None };
+    let p = Method::Percentile(percentile);
+    let mut v = vec![
+        Recipe { min_shrink: Some(3.5), ..r(p, opts(Scheme::Weights, false, vec![])) },
+        r(p, opts(Scheme::Weights, false, vec![])),
+        r(Method::MinMax, opts(Scheme::Static, false, vec![])),
+        r(p, opts(Scheme::Static, false, vec![])),
+        r(Method::Entropy, opts(Scheme::Static, false, vec![])),
+        r(p, opts(Scheme::Static, true, vec![])),
+    ];
+    let convs: Vec<String> = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type.as_deref() == Some("Conv"))
+        .filter_map(|n| n.input.get(1))
+        .map(|w| tern_model_format::quantize::layer_name(w))
+        .collect();
+    if let (Some(first), Some(last)) = (convs.first(), convs.last()) {
+        let mut fl = vec![first.clone()];
+        if last != first {
+            fl.push(last.clone());
+        }
+        v.push(r(p, opts(Scheme::Static, false, fl)));
+    }
+    v
+}
+
+/// Tries `recipes`, measures each with `bench` (a file → median latency in
+/// ms, e.g. `tern-device bench`), and writes the fastest whose accuracy
+/// drop on the held-out images is within `budget_points`. The manifest
+/// records every candidate. Needs held-out images.
+pub fn auto(
+    r: &Request,
+    recipes: &[Recipe],
+    budget_points: f64,
+    bench: &dyn Fn(&Path) -> Result<f64>,
+) -> Result<AutoOutcome> {
+    if r.eval_files.is_empty() {
+        bail!("--auto needs held-out images (--eval-data) to judge accuracy");
+    }
+    let mut session = Session::new(r)?;
+    let float_latency_ms = bench(r.bundle).context("benchmarking the float bundle")?;
+    let parent = r.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".tern-auto-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot make a scratch folder in {}", parent.display()))?;
+    let mut tried = Vec::new();
+    let mut made = Vec::new();
+    for (i, recipe) in recipes.iter().enumerate() {
+        eprintln!("candidate {}/{}: {}", i + 1, recipes.len(), recipe.name());
+        let q = session.quantize(recipe)?;
+        let file = tmp.path().join(format!("candidate-{i}.onnx"));
+        q.write(&file)?;
+        let c = q.comparison.clone().context("no comparison")?;
+        let drop_points = match (c.float_accuracy, c.int8_accuracy) {
+            (Some(f), Some(q)) => (f - q) * 100.0,
+            _ => (1.0 - c.top1_agreement) * 100.0,
+        };
+        let latency_ms = bench(&file).with_context(|| format!("benchmarking {}", recipe.name()))?;
+        let t = Tried {
+            recipe: recipe.name(),
+            top1_agreement: c.top1_agreement,
+            float_accuracy: c.float_accuracy,
+            int8_accuracy: c.int8_accuracy,
+            drop_points,
+            latency_ms,
+            bytes: file_size(&file),
+            within_budget: drop_points <= budget_points + 1e-9,
+        };
+        eprintln!(
+            "  agreement {:.2}%, drop {:.2} points, p50 {:.2} ms, {:.2} MB",
+            t.top1_agreement * 100.0,
+            t.drop_points,
+            t.latency_ms,
+            t.bytes as f64 / 1e6
+        );
+        tried.push(t);
+        made.push(q);
+    }
+    let best = tried
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.within_budget)
+        .min_by(|(_, a), (_, b)| a.latency_ms.total_cmp(&b.latency_ms).then(a.drop_points.total_cmp(&b.drop_points)))
+        .map(|(i, _)| i);
+    let Some(best) = best else {
+        let closest = tried.iter().min_by(|a, b| a.drop_points.total_cmp(&b.drop_points));
+        bail!(
+            "no candidate is within the budget of {budget_points} points{}",
+            closest.map(|c| format!("; the closest is {} ({:.2} points)", c.recipe, c.drop_points)).unwrap_or_default()
+        );
+    };
+    let mut q = made.swap_remove(best);
+    if let Some(rec) = q.manifest.quantization.as_mut() {
+        rec["auto"] = serde_json::json!({
+            "budget_points": budget_points,
+            "float_latency_ms": float_latency_ms,
+            "latency": "median of tern-device bench on the machine that ran --auto",
+            "candidates": tried,
+            "chosen": q.recipe.name(),
+        });
+    }
+    let manifest = q.write(r.out)?;
+    Ok(AutoOutcome {
+        manifest,
+        chosen: q.recipe.name(),
+        float_latency_ms,
+        tried,
+        sizes: (file_size(r.bundle), file_size(r.out)),
+    })
 }

@@ -85,7 +85,12 @@ fn check_common(out: &Path, b: &Bundle, min_ratio: f64) {
     assert!(ratio >= min_ratio, "int8 is only {ratio:.2}× smaller");
     let q = m.quantization.as_ref().unwrap();
     let float_layers = q["float_layers"].as_array().unwrap();
-    assert_eq!(float_layers.iter().filter(|l| l["reason"] == "depthwise").count(), 16);
+    // The 16 depthwise convolutions stay float compute (with int8 weights,
+    // unless kept float as sensitive).
+    let depthwise: Vec<_> =
+        float_layers.iter().filter(|l| l["layer"].as_str().unwrap().ends_with("_depthwise_conv")).collect();
+    assert_eq!(depthwise.len(), 16);
+    assert!(depthwise.iter().all(|l| l["reason"] == "depthwise" || l["reason"] == "requested"), "{depthwise:?}");
     assert_eq!(q["float_bundle_graph_sha256"], Bundle::read(float_bundle()).unwrap().manifest.graph_sha256);
 }
 
@@ -98,9 +103,33 @@ fn default_int8_stores_int8_weights_and_agrees_with_float() {
     assert_eq!(q["scheme"], "weights");
     assert_eq!(q["activations"]["dtype"], "float32");
     // No activation is quantized; the calibration images give the input
-    // means for bias correction of every layer.
+    // means for bias correction of every int8-weight layer. The layers
+    // most sensitive to int8 weights keep float weights (--min-shrink 3.5
+    // by default), and only those.
     assert_eq!(q["calibration"]["images"], 24);
     assert_eq!(q["calibration"]["bias_correction"], true);
+    let kept: Vec<&str> =
+        q["sensitive_float"]["kept_float"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    assert!(!kept.is_empty(), "{}", q["sensitive_float"]);
+    // One entry per Conv/Gemm, which are all float compute here.
+    let layers = q["float_layers"].as_array().unwrap().len();
+    assert_eq!(q["sensitive_float"]["sensitivity"].as_array().unwrap().len(), layers);
+    for l in q["float_layers"].as_array().unwrap() {
+        if kept.contains(&l["layer"].as_str().unwrap()) {
+            assert!(l["weights"] == "float32" && l["reason"] == "requested", "{l}");
+        } else {
+            assert!(l["weights"] == "int8" && l["bias_corrected"] == true, "{l}");
+        }
+    }
+}
+
+#[test]
+fn min_shrink_0_stores_every_weight_in_int8() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, b) = quantize(dir.path(), &["--min-shrink", "0"]);
+    check_common(&out, &b, 3.7);
+    let q = b.manifest.quantization.as_ref().unwrap();
+    assert!(q.get("sensitive_float").is_none(), "{q}");
     assert!(q["float_layers"]
         .as_array()
         .unwrap()
@@ -151,6 +180,12 @@ fn bad_inputs_are_refused_with_the_file_named() {
     let samples = fixture("data/samples", "scripts/setup.sh");
     let e = run(&not_onnx, &samples, &[]);
     assert!(e.contains("not.onnx"), "{e}");
+
+    // Flags out of range are named.
+    let e = run(float_bundle(), &samples, &["--min-shrink", "-1"]);
+    assert!(e.contains("--min-shrink -1 must be 0 (off) or more"), "{e}");
+    let e = run(float_bundle(), &samples, &["--auto"]);
+    assert!(e.contains("--eval-data"), "{e}");
 
     // Held-out images must not be calibration images.
     let e = run(float_bundle(), &samples, &["--calib-images", "100", "--eval-data", samples.to_str().unwrap()]);

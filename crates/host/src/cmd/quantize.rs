@@ -1,10 +1,11 @@
 //! `tern-host quantize BUNDLE CALIB_DATA --out OUT`: static post-training
 //! int8 quantization.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use anyhow::{bail, Result};
-use tern_host::quantize::{quantize_bundle, Request};
+use anyhow::{bail, Context, Result};
+use tern_host::quantize::{auto, auto_recipes, held_out, pick_images, quantize_bundle, Recipe, Request};
 use tern_model_format::quantize::{Method, Options, Scheme};
 
 /// `--calibration` values.
@@ -73,13 +74,45 @@ pub struct Args {
     /// on the calibration images).
     #[arg(long)]
     pub no_bias_correction: bool,
+    /// Keep the weights of the layers most sensitive to int8 (measured on
+    /// calibration images, cheapest fixes first) in float while the file
+    /// stays N× smaller than the float bundle. Default: 3.5 with
+    /// `--scheme weights`, off with `--scheme static`; 0 turns it off.
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_shrink: Option<f64>,
     /// Seed of the image draws.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Try the schemes, calibration methods and float fallbacks for the
+    /// first and last convolutions; keep the fastest (measured with
+    /// `tern-device bench`) whose accuracy drop on --eval-data is within
+    /// --budget. Run it on the target machine for latencies that hold there.
+    /// The candidates are fixed: --scheme, --calibration, --per-channel,
+    /// --float-layers, --min-shrink and --no-bias-correction do not apply
+    /// (--percentile does).
+    #[arg(long, requires = "eval_data")]
+    pub auto: bool,
+    /// Accuracy budget of --auto, in points (without labelled held-out
+    /// folders: the share of changed top-1 predictions).
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
+    pub budget: f64,
+    /// tern-device binary for --auto's latencies (default: next to tern-host).
+    #[arg(long)]
+    pub device_bin: Option<PathBuf>,
+    /// Threads of --auto's benchmark.
+    #[arg(long, default_value_t = 1)]
+    pub bench_threads: usize,
+    /// Runs per candidate in --auto's benchmark.
+    #[arg(long, default_value_t = 30)]
+    pub bench_iters: usize,
 }
 
-/// Quantizes and prints a summary.
-pub fn run(a: Args) -> Result<()> {
+/// `--min-shrink`'s default with `--scheme weights`: room for the
+/// sensitive layers while the file stays well past the 3× goal.
+pub const DEFAULT_MIN_SHRINK: f64 = 3.5;
+
+/// The recipe the flags describe.
+pub fn recipe(a: &Args) -> Result<Recipe> {
     let method = match a.calibration {
         Calibration::Minmax => Method::MinMax,
         Calibration::Percentile => {
@@ -90,17 +123,11 @@ pub fn run(a: Args) -> Result<()> {
         }
         Calibration::Entropy => Method::Entropy,
     };
-    if a.calib_images == 0 {
-        bail!("--calib-images must be at least 1");
-    }
     let scheme = match a.scheme {
         SchemeArg::Static => Scheme::Static,
         SchemeArg::Weights => Scheme::Weights,
     };
-    let r = Request {
-        bundle: &a.bundle,
-        calib_data: &a.calib_data,
-        calib_images: a.calib_images,
+    Ok(Recipe {
         method,
         options: Options {
             scheme,
@@ -109,16 +136,105 @@ pub fn run(a: Args) -> Result<()> {
             input_means: Default::default(),
         },
         bias_correction: !a.no_bias_correction,
-        eval_data: a.eval_data.as_deref(),
-        eval_images: a.eval_images,
+        min_shrink: match (a.min_shrink, scheme) {
+            (Some(r), _) if r.is_nan() || r < 0.0 => bail!("--min-shrink {r} must be 0 (off) or more"),
+            (Some(r), _) if r == 0.0 => None,
+            (Some(r), _) => Some(r.max(1.0)),
+            (None, Scheme::Weights) => Some(DEFAULT_MIN_SHRINK),
+            (None, Scheme::Static) => None,
+        },
+    })
+}
+
+/// The tern-device binary: `explicit`, else next to this executable.
+pub fn device_bin(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let p = exe.with_file_name(format!("tern-device{}", std::env::consts::EXE_SUFFIX));
+    if !p.is_file() {
+        bail!("{} is missing: build it (cargo build --release -p tern-device) or give --device-bin", p.display());
+    }
+    Ok(p)
+}
+
+/// Median latency (ms) of `bundle` by `tern-device bench`.
+pub fn bench_p50(bin: &Path, bundle: &Path, threads: usize, iters: usize) -> Result<f64> {
+    let out = Command::new(bin)
+        .arg("bench")
+        .arg(bundle)
+        .args(["--threads", &threads.to_string(), "--iters", &iters.max(1).to_string(), "--json"])
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!("{} bench {} failed: {}", bin.display(), bundle.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{} bench printed no JSON report", bin.display()))?;
+    v["latency"]["p50_ms"].as_f64().with_context(|| format!("{} bench: no latency.p50_ms in its report", bin.display()))
+}
+
+/// Quantizes and prints a summary.
+pub fn run(a: Args) -> Result<()> {
+    if a.calib_images == 0 {
+        bail!("--calib-images must be at least 1");
+    }
+    let recipe = recipe(&a)?;
+    if !(a.budget >= 0.0) {
+        bail!("--budget {} must be 0 points or more", a.budget);
+    }
+    let calib_files = pick_images(&a.calib_data, a.calib_images, a.seed)?;
+    let eval_files = match &a.eval_data {
+        Some(dir) => held_out(dir, &calib_files, a.eval_images, a.seed)?,
+        None => Vec::new(),
+    };
+    let r = Request {
+        bundle: &a.bundle,
+        calib_files: &calib_files,
+        calib_source: a.calib_data.display().to_string(),
+        eval_files: &eval_files,
+        eval_source: a.eval_data.as_ref().map(|d| d.display().to_string()).unwrap_or_default(),
         out: &a.out,
         seed: a.seed,
     };
-    let o = quantize_bundle(&r)?;
+    if a.auto {
+        if !(50.0..=100.0).contains(&a.percentile) {
+            bail!("--percentile {} is outside 50..=100", a.percentile);
+        }
+        let bin = device_bin(a.device_bin.as_deref())?;
+        let graph = tern_host::quantize::float_graph(&a.bundle)?;
+        let recipes = auto_recipes(&graph, a.percentile);
+        let bench = |p: &Path| bench_p50(&bin, p, a.bench_threads, a.bench_iters);
+        let o = auto(&r, &recipes, a.budget, &bench)?;
+        println!("float: p50 {:.2} ms, {:.2} MB", o.float_latency_ms, o.sizes.0 as f64 / 1e6);
+        println!(
+            "{:<46} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7}  budget",
+            "candidate", "agree %", "float %", "int8 %", "drop", "p50 ms", "MB"
+        );
+        let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", v * 100.0));
+        for t in &o.tried {
+            println!(
+                "{:<46} {:>9.2} {:>9} {:>9} {:>7.2} {:>8.2} {:>7.2}  {}{}",
+                t.recipe,
+                t.top1_agreement * 100.0,
+                pct(t.float_accuracy),
+                pct(t.int8_accuracy),
+                t.drop_points,
+                t.latency_ms,
+                t.bytes as f64 / 1e6,
+                if t.within_budget { "ok" } else { "over" },
+                if t.recipe == o.chosen { "  ← chosen" } else { "" }
+            );
+        }
+        println!("wrote {} ({})", a.out.display(), o.chosen);
+        return Ok(());
+    }
+    let o = quantize_bundle(&r, &recipe)?;
     eprintln!(
-        "wrote {} (int8, {:?}): {:.2} MB, float {:.2} MB (÷{:.2})",
+        "wrote {} (int8, {}): {:.2} MB, float {:.2} MB (÷{:.2})",
         a.out.display(),
-        scheme,
+        recipe.name(),
         o.sizes.1 as f64 / 1e6,
         o.sizes.0 as f64 / 1e6,
         o.sizes.0 as f64 / o.sizes.1.max(1) as f64
