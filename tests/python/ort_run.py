@@ -3,6 +3,10 @@
   ort_run.py MODEL.onnx [--check] --input X.npy [--input Y.npy ...]
       prints {"X.npy": {"output name": [values...], ...}, ...} as JSON on
       stdout (every output flattened), one key per input, in order.
+  ort_run.py MODEL.onnx --stack XS.npy
+      XS.npy holds N inputs along its first axis ([N, C, H, W] for a model
+      of input [1, C, H, W]); runs each and prints {"XS.npy": [{"output
+      name": [values...], ...}, ...]} (one object per row, in order).
   ort_run.py MODEL.onnx --check
       runs onnx.checker.check_model(full_check=True) first and reports on
       stderr; a model the checker refuses exits 1 without running.
@@ -52,13 +56,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
     ap.add_argument("--input", action="append", default=[], help="an input tensor (.npy); repeatable")
+    ap.add_argument("--stack", action="append", default=[], help="N inputs along axis 0 (.npy); repeatable")
     ap.add_argument("--check", action="store_true", help="run the ONNX checker first (full_check)")
     args = ap.parse_args()
     if args.check:
         check(args.model)
-    if not args.input:
+    if not args.input and not args.stack:
         if not args.check:
-            ap.error("nothing to do: give --input X.npy and/or --check")
+            ap.error("nothing to do: give --input X.npy, --stack XS.npy and/or --check")
         return
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -73,6 +78,15 @@ def main():
         x = fit(np.load(path, allow_pickle=False), shape, path)
         values = sess.run(outs, {name: x})
         result[path] = {n: np.asarray(v).reshape(-1).tolist() for n, v in zip(outs, values)}
+    for path in args.stack:
+        xs = np.load(path, allow_pickle=False)
+        if xs.ndim != len(shape):
+            sys.exit(f"ort_run.py: {path}: shape {list(xs.shape)} is not a stack of inputs {shape}")
+        rows = []
+        for i in range(xs.shape[0]):
+            values = sess.run(outs, {name: fit(xs[i : i + 1], shape, path)})
+            rows.append({n: np.asarray(v).reshape(-1).tolist() for n, v in zip(outs, values)})
+        result[path] = rows
     print(json.dumps(result))
 
 

@@ -218,6 +218,10 @@ pub struct TrainReport {
     pub predictions: Vec<Prediction>,
 }
 
+/// Features whose standard deviation on the training set is below this
+/// are treated as constant (pooled ReLU6 features vary by 0.1–1).
+const MIN_FEATURE_STD: f64 = 1e-3;
+
 /// The new classifier on top of the pooled features. The features are
 /// standardised first, `(x − shift) / scale` with the training set's mean
 /// and standard deviation; export folds that into the first layer, so the
@@ -246,11 +250,17 @@ impl Head {
         Head { hidden: layers, out, dropout, shift, scale }
     }
 
-    /// Standardises with the statistics of `features` `[N, F]`.
+    /// Standardises with the statistics of `features` `[N, F]`. A feature
+    /// that (almost) never varies on the training set keeps scale 1: its
+    /// weight would otherwise be divided by ~0 when export folds the
+    /// scale in, and the least change of that feature (another runtime's
+    /// rounding, int8 weights upstream, an unusual image) would swamp the
+    /// logits. Seen: a Fashion-MNIST head with a weight of 6.7e10.
     fn fit_standardisation(&mut self, features: &Tensor) {
         let device = self.shift.device();
         self.shift = features.mean_dim(&[0i64][..], false, Kind::Float).to_device(device);
-        self.scale = features.std_dim(&[0i64][..], false, false).clamp_min(1e-12).to_device(device);
+        let std = features.std_dim(&[0i64][..], false, false);
+        self.scale = std.where_self(&std.ge(MIN_FEATURE_STD), &std.ones_like()).to_device(device);
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
