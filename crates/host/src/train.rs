@@ -222,6 +222,10 @@ pub struct TrainReport {
 /// are treated as constant (pooled ReLU6 features vary by 0.1–1).
 const MIN_FEATURE_STD: f64 = 1e-3;
 
+/// Standard deviations are floored (in quadrature) at this fraction of the
+/// mean standard deviation of all features.
+const RELATIVE_STD_FLOOR: f64 = 0.25;
+
 /// The new classifier on top of the pooled features. The features are
 /// standardised first, `(x − shift) / scale` with the training set's mean
 /// and standard deviation; export folds that into the first layer, so the
@@ -260,7 +264,13 @@ impl Head {
         let device = self.shift.device();
         self.shift = features.mean_dim(&[0i64][..], false, Kind::Float).to_device(device);
         let std = features.std_dim(&[0i64][..], false, false);
-        self.scale = std.where_self(&std.ge(MIN_FEATURE_STD), &std.ones_like()).to_device(device);
+        // A floor relative to the typical feature spread: a feature that
+        // barely varies on the training set would otherwise get a weight
+        // ~1/std once folded, and amplify any upstream noise (int8 weights,
+        // another runtime's rounding) by as much.
+        let floor = std.mean(Kind::Float) * RELATIVE_STD_FLOOR;
+        let floored = (&std * &std + &floor * &floor).sqrt();
+        self.scale = floored.where_self(&std.ge(MIN_FEATURE_STD), &std.ones_like()).to_device(device);
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Tensor {
