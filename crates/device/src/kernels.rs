@@ -16,6 +16,13 @@
 //! tails). tract picks between them, and its own code, at run time from
 //! the CPU's features, so one binary still runs on any x86-64.
 //!
+//! It also adds one rung to tract-linalg's matrix-product kernel ladder
+//! (`tract_linalg::mmm_tiers::MmmTier`, asked before tract's own x86
+//! tiers): on AVX-512 machines a product with at most 32 rows and long
+//! rows, the 3-channel stem convolution of MobileNet-style graphs, runs
+//! the 16×12 AVX-512 tile instead of the 32×3 AVX2 one tract's cost model
+//! picks (see [`x86::small_m_preferred`]).
+//!
 //! The contract is tract's `DepthwiseCF32`: `len` output positions of
 //! `channels` contiguous channels each; point `i`, channel `c` is
 //! `bias[c] + Σₜ kernel[tap_indices[t]·k_stride + c] ·
@@ -27,7 +34,7 @@
 /// channel-last depthwise kernel on this machine.
 pub fn ensure_registered() -> bool {
     #[cfg(target_arch = "x86_64")]
-    std::hint::black_box(x86::depthwise_c_f32_avx2 as *const ());
+    std::hint::black_box((x86::depthwise_c_f32_avx2 as *const (), x86::small_m_preferred as *const ()));
     tract_linalg::routines::depthwise_c_f32().is_some()
 }
 
@@ -43,8 +50,11 @@ pub fn depthwise_c_kernel_name() -> Option<&'static str> {
 pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
-    use tract_linalg::isa::{Arch, Isa, IsaReq};
+    use tract_linalg::isa::{Arch, Isa, IsaReq, IsaSet};
+    use tract_linalg::mmm::{Query, Suitable};
+    use tract_linalg::mmm_tiers::MmmTier;
     use tract_linalg::routines::{Func, Routine, RoutineFactory};
+    use tract_onnx::prelude::DatumType;
 
     inventory::submit! {
         Routine {
@@ -67,6 +77,40 @@ pub(crate) mod x86 {
             factory: RoutineFactory::DepthwiseCF32 { name: "tern_avx512_depthwise_c_f32", run: depthwise_c_f32_avx512 },
         }
     }
+
+    inventory::submit! {
+        MmmTier {
+            arch: Some(Arch::X86_64),
+            precedence: 9,
+            name: "tern-avx512-small-m",
+            applies: |isa| isa.has(Isa::X86_64Avx512f),
+            preferred: small_m_preferred,
+        }
+    }
+
+    /// The 16×12 AVX-512 tile for f32 products of at most 32 rows (m) and
+    /// at least 1024 columns (n); no opinion otherwise (tract's own tiers
+    /// answer), nor where that kernel does not suit the query.
+    ///
+    /// tract's cost model answers `fma_mmm_f32_32x3` for the stem of
+    /// EfficientNet-Lite0 (m 32 output channels, k 27, n 12544 pixels,
+    /// through lazy im2col): one 32-row panel storing three pixels per row
+    /// at a time. Measured in four alternating rounds on this machine
+    /// (`tern-device bench --profile`), that node took 2.0–2.8 ms with the
+    /// 32×3 kernel, 1.06–1.37 ms with 16×12 and 1.38–1.57 ms with 32×6.
+    pub fn small_m_preferred(
+        _isa: &IsaSet,
+        dt: DatumType,
+        query: &Query,
+        _suitable: &[Suitable],
+    ) -> Option<&'static str> {
+        let small_m = query.m.is_some_and(|m| m <= 32);
+        let long_n = query.n.is_some_and(|n| n >= 1024);
+        (dt == DatumType::F32 && small_m && long_n).then_some(SMALL_M_KERNEL)
+    }
+
+    /// The kernel [`small_m_preferred`] names.
+    pub const SMALL_M_KERNEL: &str = "avx512_mmm_f32_16x12";
 
     /// tract's `DepthwiseCF32` with AVX2 and FMA.
     ///
@@ -338,6 +382,30 @@ pub(crate) mod x86 {
                 assert_eq!(name, Some("tern_avx2_fma_depthwise_c_f32"));
             }
             assert_eq!(crate::kernels::ensure_registered(), name.is_some());
+        }
+
+        #[test]
+        fn the_stem_shape_gets_the_16x12_tile_and_other_shapes_keep_tracts_choice() {
+            crate::kernels::ensure_registered();
+            let pick = |m, k, n| {
+                tract_linalg::MmmDispatch::native()
+                    .preferred_kernel(DatumType::F32, Some(m), Some(k), Some(n))
+                    .map(|k| k.name().to_string())
+            };
+            let stem = pick(32, 27, 12544);
+            if is_x86_feature_detected!("avx512f") {
+                assert_eq!(stem.as_deref(), Some(SMALL_M_KERNEL));
+            } else {
+                assert_ne!(stem.as_deref(), Some(SMALL_M_KERNEL));
+            }
+            // A pointwise layer (m = pixels) and a matrix-vector product are
+            // not this rule's.
+            let q = |m, n| Query::plain(DatumType::F32, Some(m), Some(16), Some(n));
+            let isa = tract_linalg::isa::native();
+            assert_eq!(small_m_preferred(&isa, DatumType::F32, &q(12544, 96), &[]), None);
+            assert_eq!(small_m_preferred(&isa, DatumType::F32, &q(32, 1), &[]), None);
+            assert_eq!(small_m_preferred(&isa, DatumType::I32, &q(32, 12544), &[]), None);
+            assert_eq!(small_m_preferred(&isa, DatumType::F32, &q(32, 12544), &[]), Some(SMALL_M_KERNEL));
         }
 
         #[test]
