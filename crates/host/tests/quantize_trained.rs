@@ -11,6 +11,9 @@
 //! - the file is ≥ 3× smaller.
 
 use std::ffi::OsStr;
+mod common;
+
+use common::{device_bin, fixture, repo};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -22,29 +25,11 @@ use tern_model_format::Bundle;
 /// Each test trains and runs two runtimes on both cores: one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    let p = repo().join(rel);
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh (or scripts/setup-data.sh) first", p.display());
-    p
-}
-
 fn python() -> PathBuf {
     match std::env::var_os("TERN_VENV") {
         Some(v) => PathBuf::from(v).join("bin/python"),
         None => fixture(".venv/bin/python"),
     }
-}
-
-fn device_bin() -> PathBuf {
-    // target/release/deps/quantize_trained-… → target/release/tern-device
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().and_then(Path::parent).unwrap().join("tern-device");
-    assert!(p.is_file(), "{} is missing: cargo build --release -p tern-device", p.display());
-    p
 }
 
 /// One validation image as `tern-device eval --json` reports it.

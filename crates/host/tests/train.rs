@@ -7,6 +7,9 @@
 //! are stated in each test and the accuracy bars are well below what the
 //! runs reach, so that they catch a broken pipeline, not noise.
 
+mod common;
+
+use common::{device_bin, fixture, repo};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
@@ -19,16 +22,6 @@ use tern_model_format::Bundle;
 /// Training tests share the two CPU cores: one at a time is faster than
 /// all at once.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
-}
-
-fn fixture(rel: &str) -> PathBuf {
-    let p = repo().join(rel);
-    assert!(p.exists(), "{} is missing: run scripts/setup.sh (or scripts/setup-data.sh) first", p.display());
-    p
-}
 
 fn weights() -> PathBuf {
     fixture("models/efficientnet-lite0.safetensors")
@@ -61,14 +54,6 @@ fn run(o: &TrainOptions) -> Trained {
         r.timings.total
     );
     t
-}
-
-fn device_bin() -> PathBuf {
-    // target/release/deps/train-… → target/release/tern-device
-    let exe = std::env::current_exe().unwrap();
-    let p = exe.parent().and_then(Path::parent).unwrap().join("tern-device");
-    assert!(p.is_file(), "{} is missing: cargo build --release -p tern-device", p.display());
-    p
 }
 
 #[test]
