@@ -802,12 +802,9 @@ pub fn quantize_bundle(r: &Request, recipe: &Recipe) -> Result<Outcome> {
 pub struct Tried {
     /// The recipe's name.
     pub recipe: String,
-    /// int8 top-1 equal to float top-1, fraction of the held-out images.
-    pub top1_agreement: f64,
-    /// Float accuracy on the held-out images (labelled folders only).
-    pub float_accuracy: Option<f64>,
-    /// int8 accuracy, likewise.
-    pub int8_accuracy: Option<f64>,
+    /// Float against int8 on the held-out images.
+    #[serde(flatten)]
+    pub comparison: Comparison,
     /// The accuracy drop in points (float − int8); without labels, the
     /// share of images whose top-1 changed, in points.
     pub drop_points: f64,
@@ -907,9 +904,7 @@ pub fn auto(
         let latency_ms = bench(&file).with_context(|| format!("benchmarking {}", recipe.name()))?;
         let t = Tried {
             recipe: recipe.name(),
-            top1_agreement: c.top1_agreement,
-            float_accuracy: c.float_accuracy,
-            int8_accuracy: c.int8_accuracy,
+            comparison: c,
             drop_points,
             latency_ms,
             bytes: file_size(&file),
@@ -917,7 +912,7 @@ pub fn auto(
         };
         eprintln!(
             "  agreement {:.2}%, drop {:.2} points, p50 {:.2} ms, {:.2} MB",
-            t.top1_agreement * 100.0,
+            t.comparison.top1_agreement * 100.0,
             t.drop_points,
             t.latency_ms,
             t.bytes as f64 / 1e6

@@ -217,9 +217,9 @@ pub fn run(a: Args) -> Result<()> {
             println!(
                 "{:<46} {:>9.2} {:>9} {:>9} {:>7.2} {:>8.2} {:>7.2}  {}{}",
                 t.recipe,
-                t.top1_agreement * 100.0,
-                pct(t.float_accuracy),
-                pct(t.int8_accuracy),
+                t.comparison.top1_agreement * 100.0,
+                pct(t.comparison.float_accuracy),
+                pct(t.comparison.int8_accuracy),
                 t.drop_points,
                 t.latency_ms,
                 t.bytes as f64 / 1e6,
