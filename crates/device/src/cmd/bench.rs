@@ -143,7 +143,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         profile,
     };
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
         print_text(&report, a.profile.unwrap_or(0));
     }
@@ -196,7 +196,7 @@ fn frame_cost(a: &Args, pre: &tern_model_format::Preprocessing) -> Result<FrameC
 
 fn print_text(r: &Report, top: usize) {
     let l = &r.latency;
-    println!(
+    outln!(
         "{} ({}, computing in {}, {:.2} MB, {} thread(s))",
         r.bundle.display(),
         r.precision,
@@ -204,37 +204,44 @@ fn print_text(r: &Report, top: usize) {
         r.model_bytes as f64 / 1e6,
         r.threads
     );
-    println!("  load {:.1} ms, cold start (load → first result) {:.1} ms", r.load_ms, r.cold_start_ms);
+    outln!("  load {:.1} ms, cold start (load → first result) {:.1} ms", r.load_ms, r.cold_start_ms);
     match r.depthwise_kernel {
-        Some(k) => println!("  depthwise layers channel-last with {k}"),
-        None => println!("  depthwise layers channel-first (no channel-last depthwise kernel on this machine)"),
+        Some(k) => outln!("  depthwise layers channel-last with {k}"),
+        None => outln!("  depthwise layers channel-first (no channel-last depthwise kernel on this machine)"),
     }
-    println!(
+    outln!(
         "  latency over {} runs: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms (min {:.2}, mean {:.2}, max {:.2})",
-        l.n, l.p50_ms, l.p90_ms, l.p99_ms, l.min_ms, l.mean_ms, l.max_ms
+        l.n,
+        l.p50_ms,
+        l.p90_ms,
+        l.p99_ms,
+        l.min_ms,
+        l.mean_ms,
+        l.max_ms
     );
-    println!("  throughput {:.1} inferences/s", r.throughput_per_s);
+    outln!("  throughput {:.1} inferences/s", r.throughput_per_s);
     if let Some(rss) = r.peak_rss_bytes {
-        println!("  peak RSS {:.1} MB", rss as f64 / 1e6);
+        outln!("  peak RSS {:.1} MB", rss as f64 / 1e6);
     }
     if let Some(f) = &r.frame_640x480 {
-        println!(
+        outln!(
             "  640×480 frame: JPEG decode p50 {:.2} ms, resize + normalise p50 {:.2} ms",
-            f.decode.p50_ms, f.resize_normalise.p50_ms
+            f.decode.p50_ms,
+            f.resize_normalise.p50_ms
         );
     }
     if let Some(p) = &r.profile {
-        println!("  profile: {:.2} ms per run in {} nodes; by operator:", p.total_ms, p.nodes.len());
+        outln!("  profile: {:.2} ms per run in {} nodes; by operator:", p.total_ms, p.nodes.len());
         for (op, count, t) in &p.by_op {
-            println!("    {t:>8.3} ms {:>5.1}%  {count:>3} × {op}", 100.0 * t / p.total_ms);
+            outln!("    {t:>8.3} ms {:>5.1}%  {count:>3} × {op}", 100.0 * t / p.total_ms);
         }
-        println!("  by layer kind (each node counted in the ONNX layer its name starts with):");
+        outln!("  by layer kind (each node counted in the ONNX layer its name starts with):");
         for (kind, count, t) in &p.by_kind {
-            println!("    {t:>8.3} ms {:>5.1}%  {count:>3} nodes  {kind}", 100.0 * t / p.total_ms);
+            outln!("    {t:>8.3} ms {:>5.1}%  {count:>3} nodes  {kind}", 100.0 * t / p.total_ms);
         }
-        println!("  slowest {top} nodes:");
+        outln!("  slowest {top} nodes:");
         for n in p.nodes.iter().take(top) {
-            println!("    {:>8.3} ms  {:<14} {}", n.mean_ms, n.op, n.name);
+            outln!("    {:>8.3} ms  {:<14} {}", n.mean_ms, n.op, n.name);
         }
     }
 }

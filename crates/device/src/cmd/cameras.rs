@@ -18,15 +18,15 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let cams = camera::list()?;
     if a.json {
         for c in &cams {
-            println!("{}", serde_json::to_string(c)?);
+            outln!("{}", serde_json::to_string(c)?);
         }
     } else if cams.is_empty() {
-        println!("no cameras found (no /dev/video* device this user can open)");
+        outln!("no cameras found (no /dev/video* device this user can open)");
     } else {
         for c in &cams {
-            println!("{}: {} ({})", c.index, c.name, c.description);
+            outln!("{}: {} ({})", c.index, c.name, c.description);
             for f in &c.formats {
-                println!("    {f}");
+                outln!("    {f}");
             }
         }
     }

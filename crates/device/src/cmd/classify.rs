@@ -74,11 +74,11 @@ fn one(clf: &mut Classifier, a: &Args, path: &Path) -> Result<()> {
     let latency_ms = took.as_secs_f64() * 1e3;
     if a.json {
         let line = Line { image: path, top, logits: a.logits.then(|| out.logits.clone()), latency_ms };
-        println!("{}", serde_json::to_string(&line)?);
+        outln!("{}", serde_json::to_string(&line)?);
     } else {
-        println!("{} ({latency_ms:.1} ms)", path.display());
+        outln!("{} ({latency_ms:.1} ms)", path.display());
         for r in top {
-            println!("  {:>6.2}%  {:>4}  {}", r.probability * 100.0, r.index, r.label);
+            outln!("  {:>6.2}%  {:>4}  {}", r.probability * 100.0, r.index, r.label);
         }
     }
     Ok(())

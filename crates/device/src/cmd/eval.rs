@@ -72,7 +72,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let (results, skipped) = evaluate(&mut clf, &samples, |r| {
         if json {
             if let Ok(line) = serde_json::to_string(r) {
-                println!("{line}");
+                outln!("{line}");
             }
         }
     })?;
@@ -85,9 +85,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
         let summary = serde_json::json!({
             "summary": {"images": results.len(), "correct": correct, "accuracy": accuracy, "skipped": skipped.len()}
         });
-        println!("{summary}");
+        outln!("{summary}");
     } else {
-        println!("accuracy {:.2}% ({correct}/{} images, {} skipped)", accuracy * 100.0, results.len(), skipped.len());
+        outln!("accuracy {:.2}% ({correct}/{} images, {} skipped)", accuracy * 100.0, results.len(), skipped.len());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -16,6 +16,6 @@ pub struct Args {
 /// Prints the manifest as JSON after validating the bundle.
 pub fn run(a: Args) -> Result<ExitCode> {
     let b = Bundle::read(&a.bundle).with_context(|| format!("cannot load bundle {}", a.bundle.display()))?;
-    println!("{}", serde_json::to_string_pretty(&b.manifest)?);
+    outln!("{}", serde_json::to_string_pretty(&b.manifest)?);
     Ok(ExitCode::SUCCESS)
 }
