@@ -812,8 +812,29 @@ pub struct Tried {
     pub latency_ms: f64,
     /// File size, bytes.
     pub bytes: u64,
-    /// Whether the drop is within the budget.
+    /// Whether the drop is within the budget and the top-1 agreement at
+    /// least the minimum.
     pub within_budget: bool,
+}
+
+/// What `--auto` accepts: an accuracy drop of at most `points`, and int8
+/// top-1 equal to float top-1 on at least `min_agreement` of the images.
+/// Accuracy alone is not enough: on 40 images a recipe that changed 17.5%
+/// of the predictions lost no accuracy (its errors cancelled out).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Budget {
+    /// Largest accuracy drop, in points (without labels: the share of
+    /// changed top-1 predictions, in points).
+    pub points: f64,
+    /// Smallest top-1 agreement with float, a fraction.
+    pub min_agreement: f64,
+}
+
+impl Budget {
+    /// Whether `t`'s drop and agreement are within the budget.
+    pub fn admits(&self, drop_points: f64, top1_agreement: f64) -> bool {
+        drop_points <= self.points + 1e-9 && top1_agreement + 1e-9 >= self.min_agreement
+    }
 }
 
 /// What [`auto`] did.
@@ -870,13 +891,13 @@ pub fn auto_recipes(graph: &onnx::GraphProto, percentile: f64) -> Vec<Recipe> {
 }
 
 /// Tries `recipes`, measures each with `bench` (a file → median latency in
-/// ms, e.g. `tern-device bench`), and writes the fastest whose accuracy
-/// drop on the held-out images is within `budget_points`. The manifest
-/// records every candidate. Needs held-out images.
+/// ms, e.g. `tern-device bench`), and writes the fastest that `budget`
+/// admits on the held-out images. The manifest records every candidate.
+/// Needs held-out images.
 pub fn auto(
     r: &Request,
     recipes: &[Recipe],
-    budget_points: f64,
+    budget: Budget,
     bench: &dyn Fn(&Path) -> Result<f64>,
 ) -> Result<AutoOutcome> {
     if r.eval_files.is_empty() {
@@ -904,11 +925,11 @@ pub fn auto(
         let latency_ms = bench(&file).with_context(|| format!("benchmarking {}", recipe.name()))?;
         let t = Tried {
             recipe: recipe.name(),
+            within_budget: budget.admits(drop_points, c.top1_agreement),
             comparison: c,
             drop_points,
             latency_ms,
             bytes: file_size(&file),
-            within_budget: drop_points <= budget_points + 1e-9,
         };
         eprintln!(
             "  agreement {:.2}%, drop {:.2} points, p50 {:.2} ms, {:.2} MB",
@@ -927,16 +948,30 @@ pub fn auto(
         .min_by(|(_, a), (_, b)| a.latency_ms.total_cmp(&b.latency_ms).then(a.drop_points.total_cmp(&b.drop_points)))
         .map(|(i, _)| i);
     let Some(best) = best else {
-        let closest = tried.iter().min_by(|a, b| a.drop_points.total_cmp(&b.drop_points));
+        let closest = tried.iter().min_by(|a, b| {
+            a.drop_points
+                .total_cmp(&b.drop_points)
+                .then(b.comparison.top1_agreement.total_cmp(&a.comparison.top1_agreement))
+        });
         bail!(
-            "no candidate is within the budget of {budget_points} points{}",
-            closest.map(|c| format!("; the closest is {} ({:.2} points)", c.recipe, c.drop_points)).unwrap_or_default()
+            "no candidate is within the budget (drop ≤ {} points, top-1 agreement ≥ {:.2}%){}",
+            budget.points,
+            budget.min_agreement * 100.0,
+            closest
+                .map(|c| format!(
+                    "; the closest is {} ({:.2} points, agreement {:.2}%)",
+                    c.recipe,
+                    c.drop_points,
+                    c.comparison.top1_agreement * 100.0
+                ))
+                .unwrap_or_default()
         );
     };
     let mut q = made.swap_remove(best);
     if let Some(rec) = q.manifest.quantization.as_mut() {
         rec["auto"] = serde_json::json!({
-            "budget_points": budget_points,
+            "budget_points": budget.points,
+            "min_top1_agreement": budget.min_agreement,
             "float_latency_ms": float_latency_ms,
             "latency": "median of tern-device bench on the machine that ran --auto",
             "candidates": tried,
@@ -951,4 +986,19 @@ pub fn auto(
         tried,
         sizes: (file_size(r.bundle), file_size(r.out)),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Budget;
+
+    #[test]
+    fn the_budget_bounds_agreement_as_well_as_accuracy() {
+        let b = Budget { points: 0.5, min_agreement: 0.99 };
+        // Seen: no accuracy lost, but 1.25% of the predictions changed.
+        assert!(!b.admits(-1.25, 0.9875));
+        assert!(!b.admits(0.6, 1.0));
+        assert!(b.admits(0.5, 0.99));
+        assert!(b.admits(-0.25, 0.9975));
+    }
 }

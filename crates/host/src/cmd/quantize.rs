@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use tern_host::quantize::{auto, auto_recipes, held_out, pick_images, quantize_bundle, Recipe, Request};
+use tern_host::quantize::{auto, auto_recipes, held_out, pick_images, quantize_bundle, Budget, Recipe, Request};
 use tern_model_format::quantize::{Method, Options, Scheme};
 
 /// `--calibration` values.
@@ -86,7 +86,8 @@ pub struct Args {
     /// Try the schemes, calibration methods and float fallbacks for the
     /// first and last convolutions; keep the fastest (measured with
     /// `tern-device bench`) whose accuracy drop on --eval-data is within
-    /// --budget. Run it on the target machine for latencies that hold there.
+    /// --budget and whose top-1 agrees with float on at least
+    /// --min-agreement of them. Run it on the target machine for latencies that hold there.
     /// The candidates are fixed: --scheme, --calibration, --per-channel,
     /// --float-layers, --min-shrink and --no-bias-correction do not apply
     /// (--percentile does).
@@ -96,6 +97,10 @@ pub struct Args {
     /// folders: the share of changed top-1 predictions).
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub budget: f64,
+    /// Smallest top-1 agreement with float that --auto accepts, in percent
+    /// of the held-out images (the quantized-vs-float tests ask for 99).
+    #[arg(long, default_value_t = 99.0)]
+    pub min_agreement: f64,
     /// tern-device binary for --auto's latencies (default: next to tern-host).
     #[arg(long)]
     pub device_bin: Option<PathBuf>,
@@ -184,6 +189,9 @@ pub fn run(a: Args) -> Result<()> {
     if !(a.budget >= 0.0) {
         bail!("--budget {} must be 0 points or more", a.budget);
     }
+    if !(0.0..=100.0).contains(&a.min_agreement) {
+        bail!("--min-agreement {} is outside 0..=100 (percent)", a.min_agreement);
+    }
     let calib_files = pick_images(&a.calib_data, a.calib_images, a.seed)?;
     let eval_files = match &a.eval_data {
         Some(dir) => held_out(dir, &calib_files, a.eval_images, a.seed)?,
@@ -206,16 +214,18 @@ pub fn run(a: Args) -> Result<()> {
         let graph = tern_host::quantize::float_graph(&a.bundle)?;
         let recipes = auto_recipes(&graph, a.percentile);
         let bench = |p: &Path| bench_p50(&bin, p, a.bench_threads, a.bench_iters);
-        let o = auto(&r, &recipes, a.budget, &bench)?;
+        let budget = Budget { points: a.budget, min_agreement: a.min_agreement / 100.0 };
+        let o = auto(&r, &recipes, budget, &bench)?;
         println!("float: p50 {:.2} ms, {:.2} MB", o.float_latency_ms, o.sizes.0 as f64 / 1e6);
+        let w = o.tried.iter().map(|t| t.recipe.chars().count()).chain(["candidate".len()]).max().unwrap_or(9);
         println!(
-            "{:<46} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7}  budget",
+            "{:<w$} {:>9} {:>9} {:>9} {:>7} {:>8} {:>7}  budget",
             "candidate", "agree %", "float %", "int8 %", "drop", "p50 ms", "MB"
         );
         let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.2}", v * 100.0));
         for t in &o.tried {
             println!(
-                "{:<46} {:>9.2} {:>9} {:>9} {:>7.2} {:>8.2} {:>7.2}  {}{}",
+                "{:<w$} {:>9.2} {:>9} {:>9} {:>7.2} {:>8.2} {:>7.2}  {}{}",
                 t.recipe,
                 t.comparison.top1_agreement * 100.0,
                 pct(t.comparison.float_accuracy),
