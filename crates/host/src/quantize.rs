@@ -27,6 +27,10 @@ use tern_model_format::{Bundle, Manifest, Preprocessing};
 /// Images per forward pass.
 const BATCH: usize = 16;
 
+/// Calibration images used by the empirical bias correction (held in
+/// memory at once, layer by layer: ~2 GB at 224×224 for this many).
+pub const BIAS_CORRECTION_IMAGES: usize = 64;
+
 /// Calibration images used to rank the layers by sensitivity (enough to
 /// rank them; each layer costs a forward pass over them).
 pub const SENSITIVITY_IMAGES: usize = 32;
@@ -124,52 +128,7 @@ impl OnnxNet {
             visit(&self.input, x);
         }
         for n in &self.nodes {
-            let get = |i: usize| -> Result<&Tensor> {
-                let name = n.input.get(i).with_context(|| format!("node {:?} lacks input {i}", n.name))?;
-                values
-                    .get(name.as_str())
-                    .or_else(|| self.consts.get(name))
-                    .with_context(|| format!("node {:?}: input `{name}` is not computed yet", n.name))
-            };
-            let op = n.op_type.as_deref().unwrap_or_default();
-            let y = match op {
-                "Conv" => conv(n, get(0)?, get(1)?, n.input.get(2).map(|_| get(2)).transpose()?)?,
-                "Clip" => get(0)?.clamp(get(1)?.double_value(&[]), get(2)?.double_value(&[])),
-                "Add" => get(0)? + get(1)?,
-                "Relu" => get(0)?.relu(),
-                "GlobalAveragePool" => get(0)?.mean_dim(&[2i64, 3][..], true, Kind::Float),
-                "Flatten" => get(0)?.flatten(int(n, "axis", 1), -1),
-                "Gemm" => {
-                    if int(n, "transA", 0) != 0 || int(n, "transB", 0) != 1 {
-                        bail!("Gemm {:?}: only transA=0, transB=1 is supported", n.name);
-                    }
-                    let y = get(0)?.matmul(&get(1)?.tr());
-                    if n.input.len() > 2 {
-                        y + get(2)?
-                    } else {
-                        y
-                    }
-                }
-                "Softmax" => get(0)?.softmax(int(n, "axis", -1), Kind::Float),
-                "Sigmoid" => get(0)?.sigmoid(),
-                "QuantizeLinear" => (get(0)? / get(1)?).round().g_add(get(2)?).clamp(-128.0, 127.0),
-                "DequantizeLinear" => {
-                    let (q, s, z) = (get(0)?, get(1)?, get(2)?);
-                    let axis = int(n, "axis", 1);
-                    let rank = q.dim() as i64;
-                    let axis = if axis < 0 { axis + rank } else { axis };
-                    let (s, z) = if s.dim() == 1 && rank > 1 {
-                        let mut shape = vec![1i64; rank as usize];
-                        shape[axis as usize] = -1;
-                        (s.reshape(&shape), z.reshape(&shape))
-                    } else {
-                        (s.shallow_clone(), z.shallow_clone())
-                    };
-                    (q - z) * s
-                }
-                "QLinearConv" => qlinear_conv(n, &(0..9).map(|i| get(i)).collect::<Result<Vec<_>>>()?)?,
-                other => bail!("operator {other} (node {:?}) is not supported by the host interpreter", n.name),
-            };
+            let y = self.eval(n, |name| values.get(name))?;
             let out = n.output.first().with_context(|| format!("node {:?} has no output", n.name))?;
             if watch.iter().any(|w| w == out) {
                 visit(out, &y);
@@ -178,6 +137,171 @@ impl OnnxNet {
         }
         values.remove(self.logits.as_str()).with_context(|| format!("the graph does not compute `{}`", self.logits))
     }
+
+    /// One node, its inputs looked up by `value` (computed tensors) and
+    /// then among the constants.
+    fn eval<'v>(&'v self, n: &onnx::NodeProto, value: impl Fn(&str) -> Option<&'v Tensor>) -> Result<Tensor> {
+        let get = |i: usize| -> Result<&Tensor> {
+            let name = n.input.get(i).with_context(|| format!("node {:?} lacks input {i}", n.name))?;
+            value(name)
+                .or_else(|| self.consts.get(name))
+                .with_context(|| format!("node {:?}: input `{name}` is not computed yet", n.name))
+        };
+        let op = n.op_type.as_deref().unwrap_or_default();
+        Ok(match op {
+            "Conv" => conv(n, get(0)?, get(1)?, n.input.get(2).map(|_| get(2)).transpose()?)?,
+            "Clip" => get(0)?.clamp(get(1)?.double_value(&[]), get(2)?.double_value(&[])),
+            "Add" => get(0)? + get(1)?,
+            "Relu" => get(0)?.relu(),
+            "GlobalAveragePool" => get(0)?.mean_dim(&[2i64, 3][..], true, Kind::Float),
+            "Flatten" => get(0)?.flatten(int(n, "axis", 1), -1),
+            "Gemm" => {
+                if int(n, "transA", 0) != 0 || int(n, "transB", 0) != 1 {
+                    bail!("Gemm {:?}: only transA=0, transB=1 is supported", n.name);
+                }
+                let y = get(0)?.matmul(&get(1)?.tr());
+                if n.input.len() > 2 {
+                    y + get(2)?
+                } else {
+                    y
+                }
+            }
+            "Softmax" => get(0)?.softmax(int(n, "axis", -1), Kind::Float),
+            "Sigmoid" => get(0)?.sigmoid(),
+            "QuantizeLinear" => (get(0)? / get(1)?).round().g_add(get(2)?).clamp(-128.0, 127.0),
+            "DequantizeLinear" => {
+                let (q, s, z) = (get(0)?, get(1)?, get(2)?);
+                let axis = int(n, "axis", 1);
+                let rank = q.dim() as i64;
+                let axis = if axis < 0 { axis + rank } else { axis };
+                let (s, z) = if s.dim() == 1 && rank > 1 {
+                    let mut shape = vec![1i64; rank as usize];
+                    shape[axis as usize] = -1;
+                    (s.reshape(&shape), z.reshape(&shape))
+                } else {
+                    (s.shallow_clone(), z.shallow_clone())
+                };
+                (q - z) * s
+            }
+            "QLinearConv" => qlinear_conv(n, &(0..9).map(|i| get(i)).collect::<Result<Vec<_>>>()?)?,
+            other => bail!("operator {other} (node {:?}) is not supported by the host interpreter", n.name),
+        })
+    }
+}
+
+/// Empirical bias correction (Nagel et al. 2019, §4.2) of the graph
+/// `int8` (int8 weights, float compute) against `float`, on `batches`:
+/// layer by layer in graph order, each Conv or Gemm with a bias whose
+/// output differs from the float layer's gets its bias shifted by minus
+/// the mean difference per output channel, measured with every upstream
+/// correction already in place. Analytic correction ([`Options::input_means`])
+/// only sees a layer's own rounding; this also removes the mean of the
+/// error that reaches it from upstream layers. Returns the corrected
+/// biases (initializer name → values).
+///
+/// Every batch is held in memory at once (the layers run one at a time
+/// over all of them): give a few batches.
+pub fn empirical_bias_correction(
+    float: &OnnxNet,
+    int8: &OnnxNet,
+    batches: &[Tensor],
+) -> Result<BTreeMap<String, Vec<f32>>> {
+    // The graph's own names: the int8 graph keeps the float graph's node
+    // outputs (its weights come from DequantizeLinear under the float
+    // weight's name), so each layer is found in both by its output.
+    let last_use = |net: &OnnxNet| -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for (i, n) in net.nodes.iter().enumerate() {
+            for input in &n.input {
+                m.insert(input.clone(), i);
+            }
+        }
+        m.insert(net.logits.clone(), usize::MAX);
+        m
+    };
+    let (f_last, q_last) = (last_use(float), last_use(int8));
+    let mut fv: Vec<HashMap<String, Tensor>> =
+        batches.iter().map(|x| HashMap::from([(float.input.clone(), x.shallow_clone())])).collect();
+    let mut qv: Vec<HashMap<String, Tensor>> =
+        batches.iter().map(|x| HashMap::from([(int8.input.clone(), x.shallow_clone())])).collect();
+    let mut f_next = 0usize;
+    let mut biases = BTreeMap::new();
+    let mut consts: HashMap<String, Tensor> = HashMap::new();
+    let bar = progress(int8.nodes.len() as u64, "bias correction");
+    for (qi, n) in int8.nodes.iter().enumerate() {
+        bar.inc(1);
+        let out = n.output.first().with_context(|| format!("node {:?} has no output", n.name))?.clone();
+        let mut ys = Vec::with_capacity(batches.len());
+        for v in &qv {
+            let y = tch::no_grad(|| int8.eval(n, |name| v.get(name).or_else(|| consts.get(name))))?;
+            ys.push(y);
+        }
+        let op = n.op_type.as_deref().unwrap_or_default();
+        let bias = n.input.get(2).filter(|_| matches!(op, "Conv" | "Gemm")).cloned();
+        if let Some(b_name) = bias {
+            // The float graph up to this layer's output.
+            while !fv.first().is_some_and(|v| v.contains_key(&out)) {
+                let fnode = float.nodes.get(f_next).with_context(|| {
+                    format!("bias correction: the float graph does not compute `{out}` (layer {:?})", n.name)
+                })?;
+                let fout = fnode.output.first().cloned().unwrap_or_default();
+                for v in fv.iter_mut() {
+                    let y = tch::no_grad(|| float.eval(fnode, |name| v.get(name)))?;
+                    v.insert(fout.clone(), y);
+                }
+                for input in &fnode.input {
+                    if f_last.get(input) == Some(&f_next) && *input != out {
+                        fv.iter_mut().for_each(|v| {
+                            v.remove(input);
+                        });
+                    }
+                }
+                f_next += 1;
+            }
+            // Mean difference per output channel (axis 1) over the batch
+            // and the spatial positions.
+            let (mut sum, mut count) = (None::<Tensor>, 0f64);
+            for (y, v) in ys.iter().zip(&fv) {
+                let d = (y - &v[&out]).to_kind(Kind::Double);
+                let dims: Vec<i64> = (0..d.dim() as i64).filter(|&k| k != 1).collect();
+                let s = d.sum_dim_intlist(dims.as_slice(), false, Kind::Double);
+                count += (d.numel() / d.size().get(1).copied().unwrap_or(1).max(1) as usize) as f64;
+                sum = Some(match sum {
+                    Some(t) => t + s,
+                    None => s,
+                });
+            }
+            if let Some(sum) = sum.filter(|t| t.abs().max().double_value(&[]) > 0.0) {
+                let shift = (sum / count.max(1.0)).to_kind(Kind::Float);
+                let old = consts
+                    .get(&b_name)
+                    .or_else(|| int8.consts.get(&b_name))
+                    .with_context(|| format!("bias correction: bias `{b_name}` of {:?} is not a constant", n.name))?;
+                if old.size() == shift.size() {
+                    let corrected = old - &shift;
+                    let shape: Vec<i64> = (0..ys[0].dim() as i64).map(|k| if k == 1 { -1 } else { 1 }).collect();
+                    let delta = shift.reshape(shape.as_slice());
+                    for y in ys.iter_mut() {
+                        *y = &*y - &delta;
+                    }
+                    biases.insert(b_name.clone(), Vec::<f32>::try_from(&corrected)?);
+                    consts.insert(b_name, corrected);
+                }
+            }
+        }
+        for (y, v) in ys.into_iter().zip(qv.iter_mut()) {
+            v.insert(out.clone(), y);
+        }
+        for input in &n.input {
+            if q_last.get(input) == Some(&qi) {
+                qv.iter_mut().for_each(|v| {
+                    v.remove(input);
+                });
+            }
+        }
+    }
+    bar.finish_and_clear();
+    Ok(biases)
 }
 
 /// `w` rounded to int8 with one symmetric scale per output channel (axis
@@ -720,7 +844,27 @@ impl<'a> Session<'a> {
             self.calib_batches()?;
             ranges = calibrate(&self.float, self.calib.as_deref().unwrap_or_default(), &names, recipe.method)?;
         }
-        let (qgraph, mut record) = quantize_graph(&self.graph, &ranges, &options)?;
+        let (mut qgraph, mut record) = quantize_graph(&self.graph, &ranges, &options)?;
+        let mut empirical = serde_json::Value::Null;
+        if recipe.bias_correction && options.scheme == tern_model_format::quantize::Scheme::Weights {
+            // Evenly spaced over the calibration list, which may be sorted
+            // by class folder.
+            let files = r.calib_files;
+            let step = (files.len() / BIAS_CORRECTION_IMAGES).max(1);
+            let some: Vec<PathBuf> = files.iter().step_by(step).take(BIAS_CORRECTION_IMAGES).cloned().collect();
+            let (batches, kept) = load_batches(&some, &self.bundle.manifest.preprocessing, "bias correction")?;
+            let int8 = OnnxNet::new(&qgraph, &self.bundle.manifest)?;
+            let biases = empirical_bias_correction(&self.float, &int8, &batches)?;
+            let images = kept.len();
+            for t in qgraph.initializer.iter_mut() {
+                if let Some(v) = t.name.as_deref().and_then(|n| biases.get(n)) {
+                    t.data_type = Some(DataType::Float as i32);
+                    t.float_data.clear();
+                    t.raw_data = Some(v.iter().flat_map(|x| x.to_le_bytes()).collect());
+                }
+            }
+            empirical = serde_json::json!({"images": images, "layers": biases.len()});
+        }
         let mut manifest = self.bundle.manifest.clone();
         let method = match recipe.method {
             Method::MinMax => serde_json::json!({"method": "minmax"}),
@@ -740,6 +884,7 @@ impl<'a> Session<'a> {
             "ranges": method,
             "images": if used_images { r.calib_files.len() } else { 0 },
             "bias_correction": recipe.bias_correction,
+            "empirical_bias_correction": empirical,
             "source": r.calib_source,
             "seed": r.seed,
         });
