@@ -111,14 +111,6 @@ impl OnnxNet {
         })
     }
 
-    /// The same graph with the constant `name` replaced by `value`.
-    pub fn with_const(&self, name: &str, value: Tensor) -> OnnxNet {
-        let mut consts: HashMap<String, Tensor> =
-            self.consts.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
-        consts.insert(name.to_owned(), value);
-        OnnxNet { nodes: self.nodes.clone(), consts, input: self.input.clone(), logits: self.logits.clone() }
-    }
-
     /// Runs a batch `[N, 3, H, W]`; `visit` sees every tensor named in
     /// `watch` as it is produced. Returns the logits `[N, width]`.
     pub fn run(&self, x: &Tensor, watch: &[String], mut visit: impl FnMut(&str, &Tensor)) -> Result<Tensor> {
@@ -133,6 +125,19 @@ impl OnnxNet {
             if watch.iter().any(|w| w == out) {
                 visit(out, &y);
             }
+            values.insert(out.as_str(), y);
+        }
+        values.remove(self.logits.as_str()).with_context(|| format!("the graph does not compute `{}`", self.logits))
+    }
+
+    /// The graph from node `start` on, given the values computed before it
+    /// (`prefix`) and with the constant `replace.0` read as `replace.1`.
+    /// Returns the logits.
+    fn run_from(&self, start: usize, prefix: &HashMap<String, Tensor>, replace: (&str, &Tensor)) -> Result<Tensor> {
+        let mut values: HashMap<&str, Tensor> = prefix.iter().map(|(k, v)| (k.as_str(), v.shallow_clone())).collect();
+        for n in self.nodes.get(start..).unwrap_or_default() {
+            let y = self.eval(n, |name| if name == replace.0 { Some(replace.1) } else { values.get(name) })?;
+            let out = n.output.first().with_context(|| format!("node {:?} has no output", n.name))?;
             values.insert(out.as_str(), y);
         }
         values.remove(self.logits.as_str()).with_context(|| format!("the graph does not compute `{}`", self.logits))
@@ -752,32 +757,53 @@ impl<'a> Session<'a> {
                 .iter()
                 .map(|t| (t.name.as_deref().unwrap_or_default(), t.dims.iter().product::<i64>().max(0) as usize))
                 .collect();
-            let layers: Vec<(&String, usize)> = self
-                .graph
-                .node
-                .iter()
-                .filter(|n| matches!(n.op_type.as_deref(), Some("Conv" | "Gemm")))
-                .filter_map(|n| n.input.get(1))
-                .map(|w| (w, params.get(w.as_str()).copied().unwrap_or(0)))
+            // Graph order; each layer's prefix is the float graph's, so the
+            // float values just before it are computed once (shared by all
+            // layers) and only the rest of the graph runs per layer.
+            let net = &self.float;
+            let layers: Vec<usize> = (0..net.nodes.len())
+                .filter(|&i| matches!(net.nodes[i].op_type.as_deref(), Some("Conv" | "Gemm")))
+                .filter(|&i| net.nodes[i].input.get(1).is_some_and(|w| net.consts.contains_key(w)))
                 .collect();
+            let mut last_use: HashMap<&str, usize> = HashMap::new();
+            for (i, n) in net.nodes.iter().enumerate() {
+                for input in &n.input {
+                    last_use.insert(input.as_str(), i);
+                }
+            }
+            let mut prefix: Vec<HashMap<String, Tensor>> =
+                batches.iter().map(|x| HashMap::from([(net.input.clone(), x.shallow_clone())])).collect();
+            let mut done = 0usize;
             let bar = progress(layers.len() as u64, "layer sensitivity");
             let mut out = Vec::new();
-            for (w, n) in &layers {
+            for &li in &layers {
                 bar.inc(1);
-                let net = match self.float.consts.get(w.as_str()) {
-                    Some(t) => self.float.with_const(w, fake_quant_per_channel(t)),
+                // Advance the prefix to just before node `li`.
+                for k in done..li {
+                    let n = &net.nodes[k];
+                    let o = n.output.first().cloned().unwrap_or_default();
+                    for v in prefix.iter_mut() {
+                        let y = tch::no_grad(|| net.eval(n, |name| v.get(name)))?;
+                        v.insert(o.clone(), y);
+                        v.retain(|name, _| last_use.get(name.as_str()).is_some_and(|&u| u > k));
+                    }
+                }
+                done = li;
+                let w = &net.nodes[li].input[1];
+                let wq = match net.consts.get(w) {
+                    Some(t) => fake_quant_per_channel(t),
                     None => continue,
                 };
                 let (mut sum, mut count) = (0f64, 0f64);
-                for (x, r) in batches.iter().zip(&reference) {
-                    let y = tch::no_grad(|| net.run(x, &[], |_, _| {}))?;
+                for (v, r) in prefix.iter().zip(&reference) {
+                    let y = tch::no_grad(|| net.run_from(li, v, (w, &wq)))?;
                     sum += (&y - r).abs().sum(Kind::Double).double_value(&[]);
                     count += r.numel() as f64;
                 }
                 out.push(Sensitivity {
                     layer: tern_model_format::quantize::layer_name(w),
                     mean_abs_logit_diff: sum / count.max(1.0),
-                    params: *n,
+                    params: params.get(w.as_str()).copied().unwrap_or(0),
                 });
             }
             bar.finish_and_clear();
