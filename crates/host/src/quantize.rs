@@ -889,7 +889,8 @@ impl<'a> Session<'a> {
                     t.raw_data = Some(v.iter().flat_map(|x| x.to_le_bytes()).collect());
                 }
             }
-            empirical = serde_json::json!({"images": images, "layers": biases.len()});
+            let biases: Vec<&String> = biases.keys().collect();
+            empirical = serde_json::json!({"images": images, "biases": biases});
         }
         let mut manifest = self.bundle.manifest.clone();
         let method = match recipe.method {
