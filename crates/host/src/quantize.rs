@@ -130,6 +130,22 @@ impl OnnxNet {
         values.remove(self.logits.as_str()).with_context(|| format!("the graph does not compute `{}`", self.logits))
     }
 
+    /// For each tensor a node reads, the index of the last node reading it.
+    fn last_uses(&self) -> HashMap<String, usize> {
+        let mut m = HashMap::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            for input in &n.input {
+                m.insert(input.clone(), i);
+            }
+        }
+        m
+    }
+
+    /// Drops from `values` what no node after node `k` reads (`last_uses`).
+    fn drop_dead(values: &mut HashMap<String, Tensor>, last_uses: &HashMap<String, usize>, k: usize) {
+        values.retain(|name, _| last_uses.get(name).is_some_and(|&u| u > k));
+    }
+
     /// The graph from node `start` on, given the values computed before it
     /// (`prefix`) and with the constant `replace.0` read as `replace.1`.
     /// Returns the logits.
@@ -214,17 +230,7 @@ pub fn empirical_bias_correction(
     // The graph's own names: the int8 graph keeps the float graph's node
     // outputs (its weights come from DequantizeLinear under the float
     // weight's name), so each layer is found in both by its output.
-    let last_use = |net: &OnnxNet| -> HashMap<String, usize> {
-        let mut m = HashMap::new();
-        for (i, n) in net.nodes.iter().enumerate() {
-            for input in &n.input {
-                m.insert(input.clone(), i);
-            }
-        }
-        m.insert(net.logits.clone(), usize::MAX);
-        m
-    };
-    let (f_last, q_last) = (last_use(float), last_use(int8));
+    let (f_last, q_last) = (float.last_uses(), int8.last_uses());
     let mut fv: Vec<HashMap<String, Tensor>> =
         batches.iter().map(|x| HashMap::from([(float.input.clone(), x.shallow_clone())])).collect();
     let mut qv: Vec<HashMap<String, Tensor>> =
@@ -252,14 +258,10 @@ pub fn empirical_bias_correction(
                 let fout = fnode.output.first().cloned().unwrap_or_default();
                 for v in fv.iter_mut() {
                     let y = tch::no_grad(|| float.eval(fnode, |name| v.get(name)))?;
+                    // Pruned before the insert: `out` is compared below even
+                    // when no later node reads it.
+                    OnnxNet::drop_dead(v, &f_last, f_next);
                     v.insert(fout.clone(), y);
-                }
-                for input in &fnode.input {
-                    if f_last.get(input) == Some(&f_next) && *input != out {
-                        fv.iter_mut().for_each(|v| {
-                            v.remove(input);
-                        });
-                    }
                 }
                 f_next += 1;
             }
@@ -267,7 +269,8 @@ pub fn empirical_bias_correction(
             // and the spatial positions.
             let (mut sum, mut count) = (None::<Tensor>, 0f64);
             for (y, v) in ys.iter().zip(&fv) {
-                let d = (y - &v[&out]).to_kind(Kind::Double);
+                let f = v.get(&out).with_context(|| format!("bias correction: no float value of `{out}`"))?;
+                let d = (y - f).to_kind(Kind::Double);
                 let dims: Vec<i64> = (0..d.dim() as i64).filter(|&k| k != 1).collect();
                 let s = d.sum_dim_intlist(dims.as_slice(), false, Kind::Double);
                 count += (d.numel() / d.size().get(1).copied().unwrap_or(1).max(1) as usize) as f64;
@@ -296,13 +299,7 @@ pub fn empirical_bias_correction(
         }
         for (y, v) in ys.into_iter().zip(qv.iter_mut()) {
             v.insert(out.clone(), y);
-        }
-        for input in &n.input {
-            if q_last.get(input) == Some(&qi) {
-                qv.iter_mut().for_each(|v| {
-                    v.remove(input);
-                });
-            }
+            OnnxNet::drop_dead(v, &q_last, qi);
         }
     }
     bar.finish_and_clear();
@@ -765,12 +762,7 @@ impl<'a> Session<'a> {
                 .filter(|&i| matches!(net.nodes[i].op_type.as_deref(), Some("Conv" | "Gemm")))
                 .filter(|&i| net.nodes[i].input.get(1).is_some_and(|w| net.consts.contains_key(w)))
                 .collect();
-            let mut last_use: HashMap<&str, usize> = HashMap::new();
-            for (i, n) in net.nodes.iter().enumerate() {
-                for input in &n.input {
-                    last_use.insert(input.as_str(), i);
-                }
-            }
+            let last_use = net.last_uses();
             let mut prefix: Vec<HashMap<String, Tensor>> =
                 batches.iter().map(|x| HashMap::from([(net.input.clone(), x.shallow_clone())])).collect();
             let mut done = 0usize;
@@ -785,7 +777,7 @@ impl<'a> Session<'a> {
                     for v in prefix.iter_mut() {
                         let y = tch::no_grad(|| net.eval(n, |name| v.get(name)))?;
                         v.insert(o.clone(), y);
-                        v.retain(|name, _| last_use.get(name.as_str()).is_some_and(|&u| u > k));
+                        OnnxNet::drop_dead(v, &last_use, k);
                     }
                 }
                 done = li;
@@ -882,13 +874,7 @@ impl<'a> Session<'a> {
             let int8 = OnnxNet::new(&qgraph, &self.bundle.manifest)?;
             let biases = empirical_bias_correction(&self.float, &int8, &batches)?;
             let images = kept.len();
-            for t in qgraph.initializer.iter_mut() {
-                if let Some(v) = t.name.as_deref().and_then(|n| biases.get(n)) {
-                    t.data_type = Some(DataType::Float as i32);
-                    t.float_data.clear();
-                    t.raw_data = Some(v.iter().flat_map(|x| x.to_le_bytes()).collect());
-                }
-            }
+            tern_model_format::quantize::replace_float_initializers(&mut qgraph, &biases)?;
             let biases: Vec<&String> = biases.keys().collect();
             empirical = serde_json::json!({"images": images, "biases": biases});
         }

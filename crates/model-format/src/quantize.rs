@@ -466,6 +466,28 @@ fn quantize_weights(w: &[f32], out_channels: usize, per_channel: bool) -> (Vec<i
     (q, scales)
 }
 
+/// Replaces the values of float initializers of `graph` (e.g. biases
+/// corrected after [`quantize_graph`]); each must exist and keep its size.
+pub fn replace_float_initializers(
+    graph: &mut onnx::GraphProto,
+    values: &BTreeMap<String, Vec<f32>>,
+) -> Result<(), FormatError> {
+    for (name, v) in values {
+        let t = graph.initializer.iter_mut().find(|t| t.name.as_deref() == Some(name.as_str())).ok_or_else(|| {
+            FormatError::Invalid { what: format!("initializer `{name}`"), detail: "not in the graph".into() }
+        })?;
+        let n: i64 = t.dims.iter().product();
+        if n != v.len() as i64 {
+            return Err(FormatError::Invalid {
+                what: format!("initializer `{name}`"),
+                detail: format!("{} values for dims {:?}", v.len(), t.dims),
+            });
+        }
+        *t = f32_tensor(name, &t.dims, v);
+    }
+    Ok(())
+}
+
 fn i8_tensor(name: &str, dims: &[i64], v: &[i8]) -> onnx::TensorProto {
     onnx::TensorProto {
         name: Some(name.to_owned()),
@@ -798,5 +820,17 @@ mod tests {
         let mut c = Calibrator::new(Method::Entropy);
         c.observe_range("x", &[f32::NAN]);
         assert!(c.ranges().is_err());
+    }
+
+    #[test]
+    fn replaced_initializers_keep_their_size_and_must_exist() {
+        let mut g = onnx::GraphProto { initializer: vec![f32_tensor("b", &[2], &[1.0, 2.0])], ..Default::default() };
+        replace_float_initializers(&mut g, &BTreeMap::from([("b".to_string(), vec![3.0, 4.0])])).unwrap();
+        assert_eq!(float_values(&g.initializer[0]).unwrap(), vec![3.0, 4.0]);
+        assert_eq!(g.initializer[0].dims, vec![2]);
+        let wrong = replace_float_initializers(&mut g, &BTreeMap::from([("b".to_string(), vec![3.0])]));
+        assert!(wrong.unwrap_err().to_string().contains("`b`"));
+        assert!(replace_float_initializers(&mut g, &BTreeMap::from([("c".to_string(), vec![])])).is_err());
+        assert_eq!(float_values(&g.initializer[0]).unwrap(), vec![3.0, 4.0]);
     }
 }
