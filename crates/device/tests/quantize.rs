@@ -246,7 +246,7 @@ fn onnxruntime_runs_the_weight_int8_file_like_tract() {
 /// Measured: 93.3% (97 of 104): the two runtimes requantize the
 /// per-tensor int8 activations differently enough to flip low-margin
 /// photos. The static scheme is opt-in (`--scheme static`) for this reason
-/// and because tract runs it 3–4× slower than float.
+/// and because tract runs it 1.8–2.1× slower than float (per tensor).
 #[test]
 #[ignore = "static int8: tract and onnxruntime agree on 93% (< 99.5%) of top-1; known, see the doc comment"]
 fn onnxruntime_runs_the_static_int8_file_like_tract() {

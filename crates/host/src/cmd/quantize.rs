@@ -24,7 +24,8 @@ pub enum Calibration {
 pub enum SchemeArg {
     /// int8 weights only (DequantizeLinear of constants, folded by the
     /// runtime at load): float speed, ~4× smaller. The default: in tract
-    /// 0.23 int8 convolutions measured 3–4× slower than float here.
+    /// 0.23 int8 convolutions measured 1.8–2.1× (per tensor) to 9.6× (per
+    /// channel) slower than float here.
     Weights,
     /// int8 weights and activations (QLinearConv) for full and 1×1
     /// convolutions; depthwise, residual adds, pooling and head in float.
