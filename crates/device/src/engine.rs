@@ -1,6 +1,7 @@
 //! The inference engine: a bundle loaded once into a tract plan.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -98,7 +99,12 @@ pub fn optimized_model(bundle: &Bundle, compute: Compute) -> Result<TypedModel> 
     let mut typed = model.into_typed().and_then(|t| t.into_decluttered()).context("tract cannot type the graph")?;
     fold_constants(&mut typed).context("tract cannot fold the graph's constants")?;
     let model = match compute {
-        Compute::F32 => typed.into_optimized().context("tract cannot optimise the graph")?,
+        Compute::F32 => {
+            if !tract_kernels_only() {
+                crate::fused::rewrite(&mut typed).context("cannot fuse the 1×1 convolutions")?;
+            }
+            typed.into_optimized().context("tract cannot optimise the graph")?
+        }
         Compute::F16 => {
             check_f16_convertible(&typed)?;
             let transform = tract_onnx::tract_core::transform::get_transform("f32_to_f16")?
@@ -115,6 +121,20 @@ pub fn optimized_model(bundle: &Bundle, compute: Compute) -> Result<TypedModel> 
         bail!("the {compute} plan takes {input:?} and gives {outputs:?}, expected {want:?} throughout");
     }
     Ok(model)
+}
+
+static TRACT_KERNELS_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Makes every plan loaded afterwards in this process run tract's own
+/// kernels only, without Tern's fused ops ([`crate::fused`]): to
+/// measure one against the other (`tern-device bench --tract-kernels`).
+pub fn use_tract_kernels_only(only: bool) {
+    TRACT_KERNELS_ONLY.store(only, Ordering::Relaxed);
+}
+
+/// Whether [`use_tract_kernels_only`] is in force.
+pub fn tract_kernels_only() -> bool {
+    TRACT_KERNELS_ONLY.load(Ordering::Relaxed)
 }
 
 /// Largest constant [`fold_constants`] makes, bytes.

@@ -20,5 +20,6 @@ pub mod source;
 pub mod evaluate;
 pub mod npy;
 pub mod perf;
+pub mod fused;
 
 pub use engine::{Classifier, Output, Ranked};

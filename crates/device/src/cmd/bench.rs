@@ -52,6 +52,10 @@ pub struct Args {
     /// on x86-64. Float bundles and int8-weights bundles only.
     #[arg(long)]
     f16: bool,
+    /// Run tract's own kernels only, without Tern's fused 1×1 convolution
+    /// op: the same bundle measured both ways.
+    #[arg(long)]
+    tract_kernels: bool,
 }
 
 /// What `bench` measured.
@@ -66,6 +70,9 @@ struct Report {
     /// tract-linalg's channel-last depthwise kernel on this machine (`None`:
     /// depthwise layers stay channel-first).
     depthwise_kernel: Option<&'static str>,
+    /// Whether Tern's fused ops ran (false with `--tract-kernels`, or on a
+    /// CPU without their kernels).
+    tern_kernels: bool,
     /// Load + verify + optimise the bundle, ms.
     load_ms: f64,
     /// Load → first result, ms.
@@ -91,6 +98,7 @@ struct FrameCost {
 /// Runs the benchmark and prints the report.
 pub fn run(a: Args) -> Result<ExitCode> {
     perf::use_threads(a.threads)?;
+    tern_device::engine::use_tract_kernels_only(a.tract_kernels);
     let model_bytes =
         std::fs::metadata(&a.bundle).with_context(|| format!("cannot read {}", a.bundle.display()))?.len();
 
@@ -133,6 +141,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         model_bytes,
         threads: a.threads,
         depthwise_kernel: tern_device::kernels::depthwise_c_kernel_name(),
+        tern_kernels: !a.tract_kernels && tern_device::fused::supported(),
         load_ms: ms(load),
         cold_start_ms: ms(cold),
         latency,
@@ -208,6 +217,11 @@ fn print_text(r: &Report, top: usize) {
     match r.depthwise_kernel {
         Some(k) => outln!("  depthwise layers channel-last with {k}"),
         None => outln!("  depthwise layers channel-first (no channel-last depthwise kernel on this machine)"),
+    }
+    if r.tern_kernels {
+        outln!("  1×1 convolutions on Tern's fused AVX2 + FMA op");
+    } else {
+        outln!("  1×1 convolutions on tract's own kernels");
     }
     outln!(
         "  latency over {} runs: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms (min {:.2}, mean {:.2}, max {:.2})",

@@ -1,0 +1,1002 @@
+//! Tern's own fused convolution op for x86-64, put in tract's plan in place
+//! of tract's.
+//!
+//! tract 0.23 turns a 1×1 convolution into a matrix product whose
+//! activation operand it packs into panels at every inference
+//! (`OptMatMulPack`), and a full convolution such as a MobileNet stem into a
+//! padding pass, a lazy im2col and a product; a ReLU6 after a convolution
+//! is a separate pass over its output. In a MobileNet-style graph these are
+//! most of the work. This module replaces, in the decluttered graph:
+//! - each f32 1×1 convolution (the `EinSum` tract's declutter makes of it,
+//!   channels first or last on either side) with the bias `Add` after it;
+//! - each f32 full convolution (`Conv`, one group, 2-D) with its bias;
+//!
+//! and in both cases a residual `Add` and a `Max`/`Min` clamp (ReLU, ReLU6)
+//! that follow alone, by one op, [`FusedConv`], that:
+//! - packs the weights once, at load, in panels of 16 output channels;
+//! - reads the activations where they are (a 1×1 convolution) or from one
+//!   zero-padded copy of the input (a full convolution), broadcasting one
+//!   input value at a time against a panel of weights: nothing is packed
+//!   or gathered per inference;
+//! - adds the bias and the residual and clamps in registers before the
+//!   single store of each output.
+//!
+//! The kernel is AVX2 + FMA, 6 positions × 16 channels a tile (12
+//! accumulators). It runs only where the CPU has both: [`rewrite`] leaves
+//! the graph to tract elsewhere (aarch64 devices keep tract's NEON kernels).
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::ops::binary::TypedBinOp;
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::einsum::EinSum;
+use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
+
+/// Output channels of one weight panel (two AVX2 vectors).
+const NR: usize = 16;
+/// Pixels of one tile.
+const MR: usize = 6;
+/// Bytes of activations one block of pixels is sized to (kept in L1/L2
+/// while every weight panel runs over it).
+const BLOCK_BYTES: usize = 48 << 10;
+
+/// Where the channels sit in a tensor of `pixels × channels` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Channel-last: one pixel's channels are contiguous (`HWC`).
+    PixelMajor,
+    /// Channel-first: one channel's pixels are contiguous (`CHW`).
+    ChannelMajor,
+}
+
+impl Layout {
+    /// Element strides `(pixel, channel)` of a `pixels × channels` tensor.
+    fn strides(self, pixels: usize, channels: usize) -> (usize, usize) {
+        match self {
+            Layout::PixelMajor => (channels, 1),
+            Layout::ChannelMajor => (1, pixels),
+        }
+    }
+}
+
+/// Where a [`FusedConv`] reads the `k`-th input value of output position `p`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A 1×1 convolution: the input itself, `pixels × ci` in this layout.
+    Pointwise(Layout),
+    /// A full convolution: patches of a zero-padded copy of the input.
+    Patches(Patches),
+}
+
+/// The geometry of a 2-D convolution with one group: input `c × h × w`
+/// (channel-first or -last), kernel `kh × kw`, strides, padding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Patches {
+    /// Input channels, rows, columns.
+    pub c: usize,
+    /// Input rows.
+    pub h: usize,
+    /// Input columns.
+    pub w: usize,
+    /// Layout of the input.
+    pub layout: Layout,
+    /// Kernel rows and columns.
+    pub kernel: (usize, usize),
+    /// Row and column strides.
+    pub strides: (usize, usize),
+    /// Zero rows above and below, columns left and right.
+    pub pad: (usize, usize, usize, usize),
+    /// Output rows and columns.
+    pub out: (usize, usize),
+}
+
+impl Patches {
+    /// Rows and columns of the padded input.
+    fn padded(&self) -> (usize, usize) {
+        (self.h + self.pad.0 + self.pad.1, self.w + self.pad.2 + self.pad.3)
+    }
+
+    /// Offsets in the padded input of the `c·kh·kw` values one output
+    /// position sums over, in the kernel's `OIHW` order, from the position's
+    /// top-left tap.
+    fn tap_offsets(&self) -> Vec<usize> {
+        let (hp, wp) = self.padded();
+        let mut offsets = Vec::with_capacity(self.c * self.kernel.0 * self.kernel.1);
+        for c in 0..self.c {
+            for ky in 0..self.kernel.0 {
+                for kx in 0..self.kernel.1 {
+                    offsets.push(match self.layout {
+                        Layout::ChannelMajor => c * hp * wp + ky * wp + kx,
+                        Layout::PixelMajor => (ky * wp + kx) * self.c + c,
+                    });
+                }
+            }
+        }
+        offsets
+    }
+
+    /// Offset in the padded input of output position `p`'s top-left tap.
+    fn origin(&self, p: usize) -> usize {
+        let (_, wp) = self.padded();
+        let (oy, ox) = (p / self.out.1, p % self.out.1);
+        let at = oy * self.strides.0 * wp + ox * self.strides.1;
+        match self.layout {
+            Layout::ChannelMajor => at,
+            Layout::PixelMajor => at * self.c,
+        }
+    }
+
+    /// The zero-padded copy of `x`.
+    fn pad_input(&self, x: &[f32]) -> Vec<f32> {
+        let (hp, wp) = self.padded();
+        let mut out = vec![0f32; self.c * hp * wp];
+        match self.layout {
+            Layout::ChannelMajor => {
+                for c in 0..self.c {
+                    for y in 0..self.h {
+                        let src = &x[(c * self.h + y) * self.w..][..self.w];
+                        out[(c * hp + y + self.pad.0) * wp + self.pad.2..][..self.w].copy_from_slice(src);
+                    }
+                }
+            }
+            Layout::PixelMajor => {
+                let row = self.w * self.c;
+                for y in 0..self.h {
+                    let src = &x[y * row..][..row];
+                    out[((y + self.pad.0) * wp + self.pad.2) * self.c..][..row].copy_from_slice(src);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A convolution of f32 with everything after it that [`rewrite`] folded in:
+/// `out[p, o] = clamp(bias[o] + Σₖ x(p, k)·w[o, k] (+ residual[p, o]))`,
+/// over `pixels` output positions.
+#[derive(Clone, PartialEq)]
+pub struct FusedConv {
+    /// Values summed per output (input channels × kernel taps).
+    ci: usize,
+    co: usize,
+    pixels: usize,
+    input: Input,
+    /// `input`'s tap offsets (full convolutions only).
+    taps: Arc<Vec<usize>>,
+    output: Layout,
+    out_shape: TVec<usize>,
+    /// Panel `q`, input channel `i`, lane `j` = `w[i, 16q + j]` (0 past `co`).
+    packed: Arc<Vec<f32>>,
+    /// Padded to a whole number of panels.
+    bias: Arc<Vec<f32>>,
+    /// A second input (laid out as the output) added before the clamp.
+    residual: bool,
+    /// Lower and upper bound applied last (±∞ when there is none).
+    clamp: (f32, f32),
+}
+
+// The clamp bounds are never NaN (they come from the graph's constants and
+// are checked when the op is made), so equality is an equivalence.
+impl Eq for FusedConv {}
+
+impl std::fmt::Debug for FusedConv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FusedConv({}→{} over {} pixels, {:?}→{:?}, residual: {}, clamp: {:?})",
+            self.ci, self.co, self.pixels, self.input, self.output, self.residual, self.clamp
+        )
+    }
+}
+
+/// What a [`FusedConv`] computes, before its weights are packed.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Values summed per output: input channels (× kernel taps).
+    pub ci: usize,
+    /// Output channels.
+    pub co: usize,
+    /// Positions (the product of every other axis).
+    pub pixels: usize,
+    /// Where the input values come from.
+    pub input: Input,
+    /// Layout of the output (and of the residual).
+    pub output: Layout,
+    /// Shape of the output tensor.
+    pub out_shape: TVec<usize>,
+    /// Whether a residual input is added.
+    pub residual: bool,
+    /// Bounds applied last.
+    pub clamp: (f32, f32),
+}
+
+/// Whether this CPU runs Tern's kernel (AVX2 and FMA).
+pub fn supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+impl FusedConv {
+    /// Packs `weights` (`[co, ci]`, row-major: `OIHW` for a full
+    /// convolution) and `bias` (`co` values).
+    pub fn new(spec: Spec, weights: &[f32], bias: &[f32]) -> TractResult<FusedConv> {
+        let Spec { ci, co, pixels, input, output, out_shape, residual, clamp } = spec;
+        ensure!(ci > 0 && co > 0, "pointwise convolution of {ci}→{co} channels");
+        ensure!(weights.len() == ci * co, "{} weights for {ci}→{co} channels", weights.len());
+        ensure!(bias.len() == co, "{} biases for {co} channels", bias.len());
+        ensure!(!clamp.0.is_nan() && !clamp.1.is_nan(), "clamp to {clamp:?}");
+        ensure!(out_shape.iter().product::<usize>() == pixels * co, "output {out_shape:?} for {pixels}×{co}");
+        let panels = co.div_ceil(NR);
+        let mut packed = vec![0f32; panels * ci * NR];
+        for o in 0..co {
+            let (q, j) = (o / NR, o % NR);
+            for i in 0..ci {
+                packed[(q * ci + i) * NR + j] = weights[o * ci + i];
+            }
+        }
+        let mut padded = vec![0f32; panels * NR];
+        padded[..co].copy_from_slice(bias);
+        let taps = match &input {
+            Input::Pointwise(_) => vec![],
+            Input::Patches(g) => {
+                let taps = g.tap_offsets();
+                ensure!(taps.len() == ci, "{} taps for {ci} values per output", taps.len());
+                ensure!(g.out.0 * g.out.1 == pixels, "{:?} output for {pixels} positions", g.out);
+                let (hp, wp) = g.padded();
+                ensure!(
+                    g.out.0 > 0 && (g.out.0 - 1) * g.strides.0 + g.kernel.0 <= hp && (g.out.1 - 1) * g.strides.1 + g.kernel.1 <= wp,
+                    "{g:?}: the patches leave the padded input"
+                );
+                taps
+            }
+        };
+        Ok(FusedConv {
+            ci,
+            co,
+            pixels,
+            input,
+            taps: Arc::new(taps),
+            output,
+            out_shape,
+            packed: Arc::new(packed),
+            bias: Arc::new(padded),
+            residual,
+            clamp,
+        })
+    }
+
+    /// The input value `k` of output position `p`: its offset from `x`
+    /// (the input of a 1×1 convolution, the padded input of a full one).
+    fn input_offset(&self, p: usize, k: usize) -> usize {
+        match &self.input {
+            Input::Pointwise(layout) => {
+                let (xp, xc) = layout.strides(self.pixels, self.ci);
+                p * xp + k * xc
+            }
+            Input::Patches(g) => g.origin(p) + self.taps[k],
+        }
+    }
+
+    /// Computes pixels `p0..p1` of the whole tensors `x`, `residual`, `out`.
+    ///
+    /// # Safety
+    /// `x` is the input (padded, for a full convolution), `out` (and
+    /// `residual`) hold `pixels × co` values in the op's layout; `p0 ≤ p1 ≤
+    /// pixels`; no other thread writes the output of these pixels.
+    unsafe fn compute(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p0: usize, p1: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if supported() {
+            // SAFETY: as this function's; the CPU has AVX2 and FMA.
+            unsafe { x86::run(self, x, residual, out, p0, p1) };
+            return;
+        }
+        unsafe { self.compute_portable(x, residual, out, p0, p1) }
+    }
+
+    /// The same arithmetic without SIMD: the reference for the tests, and
+    /// what runs on a CPU without AVX2 (where [`rewrite`] leaves tract's op).
+    ///
+    /// # Safety
+    /// As [`FusedConv::compute`].
+    unsafe fn compute_portable(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p0: usize, p1: usize) {
+        let (ci, co) = (self.ci, self.co);
+        let (op, oc) = self.output.strides(self.pixels, co);
+        for p in p0..p1 {
+            for o in 0..co {
+                let w = &self.packed[(o / NR) * ci * NR + o % NR..];
+                let mut acc = self.bias[o];
+                for i in 0..ci {
+                    acc = unsafe { *x.add(self.input_offset(p, i)) }.mul_add(w[i * NR], acc);
+                }
+                let at = p * op + o * oc;
+                if let Some(r) = residual {
+                    acc += unsafe { *r.add(at) };
+                }
+                unsafe { *out.add(at) = acc.max(self.clamp.0).min(self.clamp.1) };
+            }
+        }
+    }
+}
+
+impl Op for FusedConv {
+    fn name(&self) -> StaticName {
+        "TernFusedConv".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{self:?}")])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for FusedConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        ensure!(inputs.len() == 1 + self.residual as usize, "{} inputs to {self:?}", inputs.len());
+        let xs = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        let padded;
+        let xs = match &self.input {
+            Input::Pointwise(_) => {
+                ensure!(xs.len() == self.pixels * self.ci, "{self:?} given a {:?} input", inputs[0].shape());
+                xs
+            }
+            Input::Patches(g) => {
+                ensure!(xs.len() == g.c * g.h * g.w, "{self:?} given a {:?} input", inputs[0].shape());
+                padded = g.pad_input(xs);
+                &padded[..]
+            }
+        };
+        let res = if self.residual {
+            ensure!(inputs[1].shape() == &*self.out_shape, "{self:?} given a {:?} residual", inputs[1].shape());
+            Some(inputs[1].as_ptr::<f32>()? as usize)
+        } else {
+            None
+        };
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
+        let (x, out) = (xs.as_ptr() as usize, output.as_ptr_mut::<f32>()? as usize);
+        // Work is split by blocks of whole tiles of pixels; each block writes
+        // only its own pixels' outputs, whatever the layout.
+        let tiles = self.pixels.div_ceil(MR);
+        let work = self.pixels * self.ci * self.co;
+        par_chunks_mut(&mut vec![(); tiles], 1, work, |first, chunk| {
+            let p0 = first * MR;
+            let p1 = self.pixels.min((first + chunk.len()) * MR);
+            // SAFETY: the lengths were checked above, and the blocks are disjoint.
+            unsafe { self.compute(x as *const f32, res.map(|r| r as *const f32), out as *mut f32, p0, p1) };
+            Ok(())
+        })?;
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for FusedConv {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs.len() == 1 + self.residual as usize);
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+        let values = match &self.input {
+            Input::Pointwise(_) => self.pixels * self.ci,
+            Input::Patches(g) => g.c * g.h * g.w,
+        };
+        ensure!(inputs[0].shape.volume() == values.to_dim());
+        Ok(tvec!(f32::fact(&*self.out_shape)))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        Ok(tvec!((Cost::FMA(f32::datum_type()), (self.pixels * self.ci * self.co).to_dim())))
+    }
+
+    as_op!();
+}
+
+/// Replaces, in a decluttered model, every f32 convolution the kernel takes
+/// by a [`FusedConv`]: 1×1 convolutions (an `EinSum` of a constant `[co,
+/// ci]` weight, channels first or last on each side) with the bias `Add`
+/// after them, and 2-D convolutions of one group with constant `OIHW`
+/// weights; in both cases with a residual `Add` and then `Max`/`Min` with
+/// constants where they follow alone. Returns how many it replaced; none
+/// where [`supported`] is false. Products over fewer than 6 positions
+/// (matrix × vector, as in a classifier head) stay tract's.
+pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
+    if !supported() {
+        return Ok(0);
+    }
+    let mut done = 0;
+    'again: loop {
+        for id in model.eval_order()? {
+            let node = model.node(id);
+            let found = if let Some(einsum) = node.op_as::<EinSum>() {
+                pointwise(model, node, einsum)?
+            } else if let Some(conv) = node.op_as::<Conv>() {
+                full_conv(model, node, conv)?
+            } else {
+                None
+            };
+            if let Some(found) = found {
+                fuse(model, node, found)?.apply(model)?;
+                done += 1;
+                continue 'again;
+            }
+        }
+        return Ok(done);
+    }
+}
+
+/// A convolution node [`rewrite`] takes, before what follows it is looked at.
+struct Found {
+    spec: Spec,
+    weights: Arc<Tensor>,
+    bias: Vec<f32>,
+}
+
+/// The 1×1 convolution `node` is, if [`FusedConv`] takes it.
+fn pointwise(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> TractResult<Option<Found>> {
+    if einsum.q_params.is_some() || einsum.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(node.id)?;
+    let (Some(x), Some(w), Some(y)) =
+        (facts[0].shape.as_concrete(), facts[1].shape.as_concrete(), node.outputs[0].fact.shape.as_concrete())
+    else {
+        return Ok(None);
+    };
+    if facts[0].datum_type != f32::datum_type() {
+        return Ok(None);
+    }
+    let Some(weights) = konst(model, node.inputs[1])? else { return Ok(None) };
+    let Some((ci, co, pixels, input, output)) = conv_axes(einsum, x, w, y) else { return Ok(None) };
+    let spec = Spec {
+        ci,
+        co,
+        pixels,
+        input: Input::Pointwise(input),
+        output,
+        out_shape: y.into(),
+        residual: false,
+        clamp: (f32::NEG_INFINITY, f32::INFINITY),
+    };
+    Ok(Some(Found { spec, weights, bias: vec![0f32; co] }))
+}
+
+/// The full convolution `node` is, if [`FusedConv`] takes it: f32, 2-D, one
+/// group, no dilation, a batch of one (or none), constant `OIHW` weights
+/// and bias.
+fn full_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Found>> {
+    let ps = &conv.pool_spec;
+    if conv.q_params.is_some() || conv.group != 1 || conv.kernel_fmt != KernelFormat::OIHW || node.inputs.len() != 3 {
+        return Ok(None);
+    }
+    if ps.kernel_shape.len() != 2 || ps.dilations().iter().any(|&d| d != 1) || ps.kernel_shape.iter().product::<usize>() == 1 {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(node.id)?;
+    let (Some(x), Some(y)) = (facts[0].shape.as_concrete(), node.outputs[0].fact.shape.as_concrete()) else {
+        return Ok(None);
+    };
+    if facts[0].datum_type != f32::datum_type() || node.outputs[0].fact.datum_type != f32::datum_type() {
+        return Ok(None);
+    }
+    let (Some(weights), Some(bias)) = (konst(model, node.inputs[1])?, konst(model, node.inputs[2])?) else {
+        return Ok(None);
+    };
+    let fmt = ps.data_format;
+    let (Ok(xs), Ok(ys)) = (fmt.shape(x), fmt.shape(y)) else { return Ok(None) };
+    if xs.n().is_some_and(|&n| n != 1) {
+        return Ok(None);
+    }
+    let (c, co) = (*xs.c(), *ys.c());
+    let (hw, ohw) = (xs.hw_dims(), ys.hw_dims());
+    let layout = if fmt.c_is_last() { Layout::PixelMajor } else { Layout::ChannelMajor };
+    let (kh, kw) = (ps.kernel_shape[0], ps.kernel_shape[1]);
+    if weights.shape() != [co, c, kh, kw] || c != ps.input_channels || co != ps.output_channels {
+        return Ok(None);
+    }
+    let padding = ps.computed_padding(hw);
+    let strides = ps.strides();
+    let geometry = Patches {
+        c,
+        h: hw[0],
+        w: hw[1],
+        layout,
+        kernel: (kh, kw),
+        strides: (strides[0], strides[1]),
+        pad: (padding[0].pad_before, padding[0].pad_after, padding[1].pad_before, padding[1].pad_after),
+        out: (ohw[0], ohw[1]),
+    };
+    if padding[0].convoluted != ohw[0] || padding[1].convoluted != ohw[1] {
+        return Ok(None);
+    }
+    let bias = match bias.len() {
+        1 => vec![bias.try_as_plain_ram()?.as_slice::<f32>()?[0]; co],
+        n if n == co => bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+        _ => return Ok(None),
+    };
+    let spec = Spec {
+        ci: c * kh * kw,
+        co,
+        pixels: ohw[0] * ohw[1],
+        input: Input::Patches(geometry),
+        output: layout,
+        out_shape: y.into(),
+        residual: false,
+        clamp: (f32::NEG_INFINITY, f32::INFINITY),
+    };
+    Ok(Some(Found { spec, weights, bias }))
+}
+
+/// The axes of `einsum` as a 1×1 convolution, if it is one: `(ci, co,
+/// pixels, input layout, output layout)`.
+fn conv_axes(einsum: &EinSum, x: &[usize], w: &[usize], y: &[usize]) -> Option<(usize, usize, usize, Layout, Layout)> {
+    let (inputs, outputs) = einsum.axes.to_strs();
+    let (xs, ws, ys) = (inputs.first()?, inputs.get(1)?, outputs.first()?);
+    let (xs, ws, ys): (Vec<char>, Vec<char>, Vec<char>) = (xs.chars().collect(), ws.chars().collect(), ys.chars().collect());
+    if inputs.len() != 2 || xs.len() != x.len() || ws.len() != 2 || w.len() != 2 || ys.len() != y.len() {
+        return None;
+    }
+    // The weight is [o, i]: `i` is summed (in x, not in y), `o` is new (in y, not in x).
+    let (o, i) = (ws[0], ws[1]);
+    if xs.contains(&o) || !xs.contains(&i) || ys.contains(&i) || !ys.contains(&o) {
+        return None;
+    }
+    // Axes of size 1 carry nothing (the batch of 1); the rest must be the
+    // same pixel axes, in the same order, on both sides.
+    let live = |s: &[char], d: &[usize]| -> Vec<char> { s.iter().zip(d).filter(|(_, &n)| n != 1).map(|(&c, _)| c).collect() };
+    let (xl, yl) = (live(&xs, x), live(&ys, y));
+    let (ci, co) = (w[1], w[0]);
+    let pixels_x: Vec<char> = xl.iter().copied().filter(|&c| c != i).collect();
+    let pixels_y: Vec<char> = yl.iter().copied().filter(|&c| c != o).collect();
+    if pixels_x != pixels_y || ci == 1 || co == 1 {
+        return None;
+    }
+    let pixels = x.iter().product::<usize>() / ci;
+    if pixels < MR {
+        // A matrix-vector product (the classifier head): one tile, no
+        // threads; tract's own kernels split it across threads.
+        return None;
+    }
+    let layout = |l: &[char], c: char| -> Option<Layout> {
+        if l.last() == Some(&c) {
+            Some(Layout::PixelMajor)
+        } else if l.first() == Some(&c) {
+            Some(Layout::ChannelMajor)
+        } else {
+            None
+        }
+    };
+    Some((ci, co, pixels, layout(&xl, i)?, layout(&yl, o)?))
+}
+
+/// The constant `dt` f32 value of `outlet`, if it has one.
+fn konst(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Tensor>>> {
+    let fact = model.outlet_fact(outlet)?;
+    Ok(fact.konst.clone().filter(|t| t.datum_type() == f32::datum_type()))
+}
+
+/// The one node reading `id`'s only output, if `id` is no model output.
+fn sole_successor(model: &TypedModel, id: usize) -> TractResult<Option<(&TypedNode, usize)>> {
+    let node = model.node(id);
+    if node.outputs.len() != 1 || node.outputs[0].successors.len() != 1 || model.output_outlets()?.contains(&OutletId::new(id, 0)) {
+        return Ok(None);
+    }
+    let inlet = node.outputs[0].successors[0];
+    Ok(Some((model.node(inlet.node), inlet.slot)))
+}
+
+/// A binary op of `name` on `node`, and its other operand.
+fn binary(node: &TypedNode, slot: usize, name: &str) -> Option<OutletId> {
+    let op = node.op_as::<TypedBinOp>()?;
+    (op.0.name() == name && node.inputs.len() == 2 && op.1.is_none()).then(|| node.inputs[1 - slot])
+}
+
+/// The patch that replaces the convolution `node` and what follows it alone:
+/// a bias `Add`, a residual `Add`, `Max` then `Min` with constants.
+fn fuse(model: &TypedModel, node: &TypedNode, found: Found) -> TractResult<TypedModelPatch> {
+    let Found { mut spec, weights, mut bias } = found;
+    let co = spec.co;
+    let out_shape = spec.out_shape.clone();
+    let mut last = node.id;
+    let mut residual = None;
+    let same_shape = |o: OutletId| model.outlet_fact(o).map(|f| f.shape.as_concrete() == Some(&*out_shape));
+    if let Some((succ, slot)) = sole_successor(model, last)? {
+        if let Some(other) = binary(succ, slot, "Add") {
+            if let Some(b) = konst(model, other)? {
+                // A bias: one value per output channel, broadcast over the rest.
+                let shape = b.shape();
+                let per_channel = b.len() == co && shape.iter().filter(|&&d| d != 1).count() <= 1;
+                if per_channel && shape.len() <= out_shape.len() && same_shape(OutletId::new(succ.id, 0))? {
+                    for (acc, v) in bias.iter_mut().zip(b.try_as_plain_ram()?.as_slice::<f32>()?) {
+                        *acc += v;
+                    }
+                    last = succ.id;
+                }
+            }
+        }
+    }
+    if let Some((succ, slot)) = sole_successor(model, last)? {
+        if let Some(other) = binary(succ, slot, "Add") {
+            if konst(model, other)?.is_none() && same_shape(other)? && model.outlet_fact(other)?.datum_type == f32::datum_type() {
+                residual = Some(other);
+                last = succ.id;
+            }
+        }
+    }
+    for (name, is_max) in [("Max", true), ("Min", false)] {
+        let Some((succ, slot)) = sole_successor(model, last)? else { break };
+        let Some(other) = binary(succ, slot, name) else { break };
+        let Some(c) = konst(model, other)? else { break };
+        if c.len() != 1 || !same_shape(OutletId::new(succ.id, 0))? {
+            break;
+        }
+        let v = c.try_as_plain_ram()?.as_slice::<f32>()?[0];
+        if v.is_nan() {
+            break;
+        }
+        if is_max {
+            spec.clamp.0 = v;
+        } else {
+            spec.clamp.1 = v;
+        }
+        last = succ.id;
+    }
+    spec.residual = residual.is_some();
+    let op = FusedConv::new(spec, weights.try_as_plain_ram()?.as_slice::<f32>()?, &bias)?;
+    let mut patch = TypedModelPatch::new(format!("tern-fused-conv {}", node.name));
+    let mut inputs = tvec![patch.tap_model(model, node.inputs[0])?];
+    if let Some(r) = residual {
+        inputs.push(patch.tap_model(model, r)?);
+    }
+    let name = model.node(last).name.clone();
+    let wire = patch.wire_node(name, op, &inputs)?[0];
+    patch.shunt_outside(model, OutletId::new(last, 0), wire)?;
+    Ok(patch)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{FusedConv, Input, Layout, BLOCK_BYTES, MR, NR};
+
+    /// Where input value `k` of a tile's position sits, from the position's
+    /// first value.
+    trait Taps: Copy {
+        fn offset(self, k: usize) -> usize;
+    }
+
+    /// A 1×1 convolution: values `stride` apart.
+    #[derive(Clone, Copy)]
+    struct Strided(usize);
+
+    impl Taps for Strided {
+        #[inline(always)]
+        fn offset(self, k: usize) -> usize {
+            k * self.0
+        }
+    }
+
+    /// A full convolution: a table of tap offsets.
+    #[derive(Clone, Copy)]
+    struct Table(*const usize);
+
+    impl Taps for Table {
+        #[inline(always)]
+        fn offset(self, k: usize) -> usize {
+            // SAFETY: `k` < the op's `ci`, the table's length (checked in `FusedConv::new`).
+            unsafe { *self.0.add(k) }
+        }
+    }
+
+    /// Computes pixels `p0..p1`.
+    ///
+    /// # Safety
+    /// As [`FusedConv::compute`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn run(op: &FusedConv, x: *const f32, residual: Option<*const f32>, out: *mut f32, p0: usize, p1: usize) {
+        unsafe {
+            match &op.input {
+                Input::Pointwise(layout) => {
+                    let (xp, xc) = layout.strides(op.pixels, op.ci);
+                    blocks(op, |p| x.add(p * xp), Strided(xc), residual, out, p0, p1)
+                }
+                Input::Patches(g) => blocks(op, |p| x.add(g.origin(p)), Table(op.taps.as_ptr()), residual, out, p0, p1),
+            }
+        }
+    }
+
+    /// Walks pixels `p0..p1` by blocks that stay in cache while every
+    /// weight panel runs over them; `row(p)` is where pixel `p`'s values start.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn blocks<T: Taps>(
+        op: &FusedConv,
+        row: impl Fn(usize) -> *const f32,
+        taps: T,
+        residual: Option<*const f32>,
+        out: *mut f32,
+        p0: usize,
+        p1: usize,
+    ) {
+        unsafe {
+            let (ci, co) = (op.ci, op.co);
+            let (yp, yc) = op.output.strides(op.pixels, co);
+            let panels = co.div_ceil(NR);
+            let block = ((BLOCK_BYTES / (4 * ci)) / MR * MR).max(MR);
+            let mut b0 = p0;
+            while b0 < p1 {
+                let b1 = p1.min(b0 + block);
+                for q in 0..panels {
+                    let mut p = b0;
+                    while p < b1 {
+                        let n = (b1 - p).min(MR);
+                        let mut rows = [row(p); MR];
+                        for (r, at) in rows.iter_mut().enumerate().take(n).skip(1) {
+                            *at = row(p + r);
+                        }
+                        let t = Tile {
+                            rows,
+                            ci,
+                            w: op.packed.as_ptr().add(q * ci * NR),
+                            b: op.bias.as_ptr().add(q * NR),
+                            res: residual.map(|r| r.add(p * yp + q * NR * yc)),
+                            out: out.add(p * yp + q * NR * yc),
+                            yc,
+                            yp,
+                            channel_last: op.output == Layout::PixelMajor,
+                            width: NR.min(co - q * NR),
+                            clamp: op.clamp,
+                        };
+                        match n {
+                            6 => tile::<6, T>(&t, taps),
+                            5 => tile::<5, T>(&t, taps),
+                            4 => tile::<4, T>(&t, taps),
+                            3 => tile::<3, T>(&t, taps),
+                            2 => tile::<2, T>(&t, taps),
+                            _ => tile::<1, T>(&t, taps),
+                        }
+                        p += MR;
+                    }
+                }
+                b0 = b1;
+            }
+        }
+    }
+
+    /// One tile's operands: up to 6 positions, one weight panel.
+    struct Tile {
+        rows: [*const f32; MR],
+        ci: usize,
+        w: *const f32,
+        b: *const f32,
+        res: Option<*const f32>,
+        out: *mut f32,
+        yc: usize,
+        yp: usize,
+        channel_last: bool,
+        width: usize,
+        clamp: (f32, f32),
+    }
+
+    /// `R` positions × one panel of 16 output channels.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn tile<const R: usize, T: Taps>(t: &Tile, taps: T) {
+        unsafe {
+            let mut a0 = [_mm256_loadu_ps(t.b); R];
+            let mut a1 = [_mm256_loadu_ps(t.b.add(8)); R];
+            let mut w = t.w;
+            for k in 0..t.ci {
+                let off = taps.offset(k);
+                let w0 = _mm256_loadu_ps(w);
+                let w1 = _mm256_loadu_ps(w.add(8));
+                for r in 0..R {
+                    let v = _mm256_broadcast_ss(&*t.rows[r].add(off));
+                    a0[r] = _mm256_fmadd_ps(v, w0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(v, w1, a1[r]);
+                }
+                w = w.add(NR);
+            }
+            let lo = _mm256_set1_ps(t.clamp.0);
+            let hi = _mm256_set1_ps(t.clamp.1);
+            if t.channel_last && t.width == NR {
+                for r in 0..R {
+                    let o = t.out.add(r * t.yp);
+                    let (mut v0, mut v1) = (a0[r], a1[r]);
+                    if let Some(p) = t.res {
+                        let p = p.add(r * t.yp);
+                        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(p));
+                        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(p.add(8)));
+                    }
+                    _mm256_storeu_ps(o, _mm256_min_ps(_mm256_max_ps(v0, lo), hi));
+                    _mm256_storeu_ps(o.add(8), _mm256_min_ps(_mm256_max_ps(v1, lo), hi));
+                }
+                return;
+            }
+            // Channel-first output or a partial panel: through a buffer, one
+            // output channel at a time (R contiguous positions each when
+            // channel-first).
+            let mut tmp = [[0f32; NR]; R];
+            for r in 0..R {
+                _mm256_storeu_ps(tmp[r].as_mut_ptr(), a0[r]);
+                _mm256_storeu_ps(tmp[r].as_mut_ptr().add(8), a1[r]);
+            }
+            for j in 0..t.width {
+                for (r, row) in tmp.iter().enumerate() {
+                    let at = r * t.yp + j * t.yc;
+                    let mut v = row[j];
+                    if let Some(p) = t.res {
+                        v += *p.add(at);
+                    }
+                    *t.out.add(at) = v.max(t.clamp.0).min(t.clamp.1);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// `x(p, k)` read from the unpadded input with plain index arithmetic
+    /// (zero outside it), independent of the op's offset tables.
+    fn input_value(x: &[f32], spec: &Spec, p: usize, k: usize) -> f32 {
+        match &spec.input {
+            Input::Pointwise(layout) => {
+                let (xp, xc) = layout.strides(spec.pixels, spec.ci);
+                x[p * xp + k * xc]
+            }
+            Input::Patches(g) => {
+                let (c, ky, kx) = (k / (g.kernel.0 * g.kernel.1), k / g.kernel.1 % g.kernel.0, k % g.kernel.1);
+                let (oy, ox) = (p / g.out.1, p % g.out.1);
+                let y = (oy * g.strides.0 + ky) as isize - g.pad.0 as isize;
+                let xx = (ox * g.strides.1 + kx) as isize - g.pad.2 as isize;
+                if y < 0 || xx < 0 || y >= g.h as isize || xx >= g.w as isize {
+                    return 0.0;
+                }
+                let (y, xx) = (y as usize, xx as usize);
+                match g.layout {
+                    Layout::ChannelMajor => x[(c * g.h + y) * g.w + xx],
+                    Layout::PixelMajor => x[(y * g.w + xx) * g.c + c],
+                }
+            }
+        }
+    }
+
+    /// Plain loops over the unpacked weights, in f64.
+    fn reference(x: &[f32], w: &[f32], b: &[f32], res: Option<&[f32]>, spec: &Spec) -> Vec<f32> {
+        let (ci, co, n) = (spec.ci, spec.co, spec.pixels);
+        let (yp, yc) = spec.output.strides(n, co);
+        let mut y = vec![0f32; n * co];
+        for p in 0..n {
+            for o in 0..co {
+                let mut acc = b[o] as f64;
+                for k in 0..ci {
+                    acc += input_value(x, spec, p, k) as f64 * w[o * ci + k] as f64;
+                }
+                if let Some(r) = res {
+                    acc += r[p * yp + o * yc] as f64;
+                }
+                y[p * yp + o * yc] = (acc as f32).max(spec.clamp.0).min(spec.clamp.1);
+            }
+        }
+        y
+    }
+
+    /// The op (the AVX2 kernel where the CPU has it) and its portable loops
+    /// against [`reference`].
+    fn check(spec: Spec, inputs: usize) {
+        let (ci, co, pixels) = (spec.ci, spec.co, spec.pixels);
+        let (x, w, b, r) = (values(inputs, 1), values(ci * co, 2), values(co, 3), values(pixels * co, 4));
+        let op = FusedConv::new(spec.clone(), &w, &b).unwrap();
+        let want = reference(&x, &w, &b, spec.residual.then_some(&r[..]), &spec);
+        let mut tensors = tvec![Tensor::from_shape(&[inputs], &x).unwrap().into_tvalue()];
+        if spec.residual {
+            tensors.push(Tensor::from_shape(&spec.out_shape, &r).unwrap().into_tvalue());
+        }
+        let got = op.eval(&EvalContext::out_of_plan(), tensors).unwrap();
+        let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        let padded = match &spec.input {
+            Input::Pointwise(_) => x.clone(),
+            Input::Patches(g) => g.pad_input(&x),
+        };
+        let mut portable = vec![f32::NAN; pixels * co];
+        let rp = spec.residual.then_some(r.as_ptr());
+        unsafe { op.compute_portable(padded.as_ptr(), rp, portable.as_mut_ptr(), 0, pixels) };
+        let tol = 1e-5 * (ci as f32).sqrt() * 4.0;
+        for (k, ((g, p), e)) in got.iter().zip(&portable).zip(&want).enumerate() {
+            assert!((g - e).abs() <= tol, "{spec:?} at {k}: kernel {g}, reference {e}");
+            assert!((p - e).abs() <= tol, "{spec:?} at {k}: portable {p}, reference {e}");
+        }
+    }
+
+    const NONE: (f32, f32) = (f32::NEG_INFINITY, f32::INFINITY);
+
+    #[test]
+    fn pointwise_every_layout_tail_and_epilogue_matches_plain_loops() {
+        use Layout::*;
+        for (ci, co, pixels) in [(16, 96, 61), (24, 40, 13), (3, 8, 6), (32, 16, 6), (144, 24, 7), (5, 33, 12)] {
+            for (i, o) in [(PixelMajor, PixelMajor), (ChannelMajor, PixelMajor), (PixelMajor, ChannelMajor), (ChannelMajor, ChannelMajor)] {
+                for (residual, clamp) in [(false, NONE), (true, NONE), (false, (0.0, 0.5))] {
+                    let out_shape = tvec![pixels, co];
+                    let spec = Spec { ci, co, pixels, input: Input::Pointwise(i), output: o, out_shape, residual, clamp };
+                    check(spec, pixels * ci);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn full_convolution_every_layout_stride_and_padding_matches_plain_loops() {
+        use Layout::*;
+        // (c, h, w, kernel, strides, pad top/bottom/left/right, co)
+        let cases = [
+            (3, 15, 15, (3, 3), (2, 2), (0, 1, 0, 1), 32),
+            (3, 9, 11, (3, 3), (1, 1), (1, 1, 1, 1), 20),
+            (5, 8, 7, (5, 5), (2, 1), (2, 2, 0, 3), 16),
+            (2, 6, 6, (1, 3), (1, 2), (0, 0, 1, 1), 7),
+        ];
+        for (c, h, w, kernel, strides, pad, co) in cases {
+            let out = ((h + pad.0 + pad.1 - kernel.0) / strides.0 + 1, (w + pad.2 + pad.3 - kernel.1) / strides.1 + 1);
+            for layout in [ChannelMajor, PixelMajor] {
+                for (residual, clamp) in [(false, NONE), (true, (0.0, 6.0))] {
+                    let g = Patches { c, h, w, layout, kernel, strides, pad, out };
+                    let pixels = out.0 * out.1;
+                    let spec = Spec {
+                        ci: c * kernel.0 * kernel.1,
+                        co,
+                        pixels,
+                        input: Input::Patches(g),
+                        output: layout,
+                        out_shape: tvec![pixels, co],
+                        residual,
+                        clamp,
+                    };
+                    check(spec, c * h * w);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn patches_that_leave_the_input_are_refused() {
+        let g = Patches {
+            c: 3,
+            h: 8,
+            w: 8,
+            layout: Layout::ChannelMajor,
+            kernel: (3, 3),
+            strides: (2, 2),
+            pad: (0, 0, 0, 0),
+            out: (4, 4),
+        };
+        let spec = Spec { ci: 27, co: 8, pixels: 16, input: Input::Patches(g), output: Layout::ChannelMajor, out_shape: tvec![16, 8], residual: false, clamp: NONE };
+        let e = FusedConv::new(spec, &[0.0; 27 * 8], &[0.0; 8]).unwrap_err();
+        assert!(format!("{e}").contains("leave the padded input"), "{e}");
+    }
+}
