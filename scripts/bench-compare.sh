@@ -3,12 +3,17 @@
 # input tensor and the same thread counts, in one run; prints a table with
 # the ratios.
 #
-#   scripts/bench-compare.sh [--iters N] [--threads "1 2"] [--image PNG] [--profile] [--results FILE] BUNDLE.onnx...
+#   scripts/bench-compare.sh [--iters N] [--rounds N] [--threads "1 2"] [--image PNG] [--profile] [--tract-kernels] [--results FILE] BUNDLE.onnx...
 #
 # e.g. scripts/bench-compare.sh models/imagenet-efficientnet-lite0.onnx models/imagenet-int8.onnx
 # --profile: also per layer kind (pointwise 1x1, depthwise, full conv, head,
 # other), tract's per-node times next to onnxruntime's profiler, per bundle
 # and thread count: kind | tract ms | onnxruntime ms | ratio | share of the gap.
+# --rounds N: repeat the whole comparison N times (default 1); the ratios are
+# then given per round, as the median and range over the rounds: on a machine
+# whose speed drifts, the runs of one round are back to back.
+# --tract-kernels: also run tern-device with tract's own kernels only (no
+# fused convolution op), in the same round.
 # --results FILE: keep every measurement (JSON lines, per-node times included).
 # Needs the venv (scripts/setup-python.sh) and builds tern-device (release).
 set -euo pipefail
@@ -16,19 +21,23 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 
 iters=100
+rounds=1
 threads="1 2"
 image=data/samples/chelsea.png
 profile=()
+both=0
 keep=
 bundles=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --iters) iters="$2"; shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
     --image) image="$2"; shift 2 ;;
     --profile) profile=(--profile); shift ;;
+    --tract-kernels) both=1; shift ;;
     --results) keep="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) bundles+=("$1"); shift ;;
   esac
 done
@@ -41,34 +50,59 @@ tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 results="$tmp/results.jsonl"
 
-for b in "${bundles[@]}"; do
-  input="$tmp/input-$(basename "$b").npy"
-  for t in $threads; do
-    echo "bench: $b, $t thread(s)" >&2
-    "$tern" bench "$b" --threads "$t" --iters "$iters" --image "$image" --dump-input "$input" --json \
-      ${profile[@]:+--profile 0} \
-      | python -c 'import json,sys; d=json.load(sys.stdin); d["runtime"]="tern (tract)"; print(json.dumps(d))' >>"$results"
-    python tests/python/ort_bench.py "$b" --input "$input" --threads "$t" --iters "$iters" "${profile[@]}" >>"$results"
+tag() { python -c 'import json,sys; d=json.load(sys.stdin); d["runtime"]=sys.argv[1]; d["round"]=int(sys.argv[2]); print(json.dumps(d))' "$@"; }
+for round in $(seq 1 "$rounds"); do
+  for b in "${bundles[@]}"; do
+    input="$tmp/input-$(basename "$b").npy"
+    for t in $threads; do
+      echo "bench: round $round, $b, $t thread(s)" >&2
+      "$tern" bench "$b" --threads "$t" --iters "$iters" --image "$image" --dump-input "$input" --json \
+        ${profile[@]:+--profile 0} | tag "tern (tract)" "$round" >>"$results"
+      if [ "$both" = 1 ]; then
+        "$tern" bench "$b" --threads "$t" --iters "$iters" --image "$image" --json --tract-kernels \
+          ${profile[@]:+--profile 0} | tag "tract kernels only" "$round" >>"$results"
+      fi
+      python tests/python/ort_bench.py "$b" --input "$input" --threads "$t" --iters "$iters" "${profile[@]}" \
+        | python -c 'import json,sys; d=json.loads(sys.stdin.read()); d["round"]=int(sys.argv[1]); print(json.dumps(d))' "$round" >>"$results"
+    done
   done
 done
 
 [ -z "$keep" ] || cp "$results" "$keep"
 
 python - "$results" <<'EOF'
-import json, sys
+import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print(f"\n{'bundle':<34} {'MB':>6} {'thr':>3} {'runtime':<22} {'cold ms':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'inf/s':>6} {'RSS MB':>7} {'top1':>5}")
+print(f"\n{'bundle':<34} {'MB':>6} {'thr':>3} {'rnd':>3} {'runtime':<22} {'cold ms':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'inf/s':>6} {'RSS MB':>7} {'top1':>5}")
 for r in rows:
     l = r["latency"]
-    print(f"{r['bundle'][-34:]:<34} {r['model_bytes']/1e6:6.2f} {r['threads']:3d} {r['runtime']:<22} {r['cold_start_ms']:8.1f} "
+    print(f"{r['bundle'][-34:]:<34} {r['model_bytes']/1e6:6.2f} {r['threads']:3d} {r['round']:3d} {r['runtime']:<22} {r['cold_start_ms']:8.1f} "
           f"{l['p50_ms']:7.2f} {l['p90_ms']:7.2f} {l['p99_ms']:7.2f} {r['throughput_per_s']:6.1f} {r['peak_rss_bytes']/1e6:7.1f} {r['top1']:5d}")
-print("\nratios (p50 latency):")
+rounds = sorted({r["round"] for r in rows})
+if len(rounds) > 1:
+    print(f"\nratios of p50 latency, each within one round; median [min–max] over {len(rounds)} rounds:")
+    at = {(r["bundle"], r["threads"], r["runtime"].split(" ")[0] if r["runtime"].startswith("onnxruntime") else r["runtime"], r["round"]): r["latency"]["p50_ms"] for r in rows}
+    pairs = [("tern (tract)", "onnxruntime"), ("tract kernels only", "onnxruntime"), ("tract kernels only", "tern (tract)")]
+    for b in dict.fromkeys(r["bundle"] for r in rows):
+        for t in dict.fromkeys(r["threads"] for r in rows):
+            for a, c in pairs:
+                v = [at[(b, t, a, k)] / at[(b, t, c, k)] for k in rounds if (b, t, a, k) in at and (b, t, c, k) in at]
+                if v:
+                    print(f"  {b} @ {t} thread(s): {a} / {c} = {statistics.median(v):.2f} [{min(v):.2f}–{max(v):.2f}]")
+print("\nratios (p50 latency" + (", last round" if len(rounds) > 1 else "") + "):")
 tern = {(r["bundle"], r["threads"]): r for r in rows if r["runtime"].startswith("tern")}
-ort = {(r["bundle"], r["threads"]): r for r in rows if not r["runtime"].startswith("tern")}
+own = {(r["bundle"], r["threads"]): r for r in rows if r["runtime"] == "tract kernels only"}
+ort = {(r["bundle"], r["threads"]): r for r in rows if r["runtime"].startswith("onnxruntime")}
 for (b, t), r in tern.items():
     o = ort.get((b, t))
     if o:
         print(f"  {b} @ {t} thread(s): tern / onnxruntime = {r['latency']['p50_ms'] / o['latency']['p50_ms']:.2f}")
+    k = own.get((b, t))
+    if k:
+        line = f"  {b} @ {t} thread(s): tract kernels only / tern = {k['latency']['p50_ms'] / r['latency']['p50_ms']:.2f}"
+        if o:
+            line += f", tract kernels only / onnxruntime = {k['latency']['p50_ms'] / o['latency']['p50_ms']:.2f}"
+        print(line)
 bundles = list(dict.fromkeys(r["bundle"] for r in rows))
 if len(bundles) > 1:
     base = bundles[0]

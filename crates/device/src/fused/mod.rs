@@ -25,7 +25,11 @@
 //! accumulators). It runs only where the CPU has both: [`rewrite`] leaves
 //! the graph to tract elsewhere (aarch64 devices keep tract's NEON kernels).
 
+mod depthwise;
+
 use std::sync::Arc;
+
+pub use depthwise::{FusedDepthwise, Geometry};
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -40,7 +44,10 @@ const NR: usize = 16;
 const MR: usize = 6;
 /// Bytes of activations one block of pixels is sized to (kept in L1/L2
 /// while every weight panel runs over it).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const BLOCK_BYTES: usize = 48 << 10;
+/// Work units a convolution is at least split into, for the threads.
+const UNITS: usize = 16;
 
 /// Where the channels sit in a tensor of `pixels × channels` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,20 +292,21 @@ impl FusedConv {
         }
     }
 
-    /// Computes pixels `p0..p1` of the whole tensors `x`, `residual`, `out`.
+    /// Computes pixels `p0..p1`, panels of 16 output channels `q0..q1`, of
+    /// the whole tensors `x`, `residual`, `out`.
     ///
     /// # Safety
     /// `x` is the input (padded, for a full convolution), `out` (and
     /// `residual`) hold `pixels × co` values in the op's layout; `p0 ≤ p1 ≤
-    /// pixels`; no other thread writes the output of these pixels.
-    unsafe fn compute(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p0: usize, p1: usize) {
+    /// pixels`, `q0 ≤ q1 ≤` panels; no other thread writes these outputs.
+    unsafe fn compute(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p: (usize, usize), q: (usize, usize)) {
         #[cfg(target_arch = "x86_64")]
         if supported() {
             // SAFETY: as this function's; the CPU has AVX2 and FMA.
-            unsafe { x86::run(self, x, residual, out, p0, p1) };
+            unsafe { x86::run(self, x, residual, out, p, q) };
             return;
         }
-        unsafe { self.compute_portable(x, residual, out, p0, p1) }
+        unsafe { self.compute_portable(x, residual, out, p, q) }
     }
 
     /// The same arithmetic without SIMD: the reference for the tests, and
@@ -306,11 +314,11 @@ impl FusedConv {
     ///
     /// # Safety
     /// As [`FusedConv::compute`].
-    unsafe fn compute_portable(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p0: usize, p1: usize) {
+    unsafe fn compute_portable(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p: (usize, usize), q: (usize, usize)) {
         let (ci, co) = (self.ci, self.co);
         let (op, oc) = self.output.strides(self.pixels, co);
-        for p in p0..p1 {
-            for o in 0..co {
+        for p in p.0..p.1 {
+            for o in q.0 * NR..co.min(q.1 * NR) {
                 let w = &self.packed[(o / NR) * ci * NR + o % NR..];
                 let mut acc = self.bias[o];
                 for i in 0..ci {
@@ -368,15 +376,25 @@ impl EvalOp for FusedConv {
         };
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
         let (x, out) = (xs.as_ptr() as usize, output.as_ptr_mut::<f32>()? as usize);
-        // Work is split by blocks of whole tiles of pixels; each block writes
-        // only its own pixels' outputs, whatever the layout.
+        // Work is split in units of one tile of pixels × one group of weight
+        // panels, group-major; each unit writes only its own outputs, whatever
+        // the layout. Few pixels (the last stages, 7×7) split the panels too,
+        // so that every thread has work.
         let tiles = self.pixels.div_ceil(MR);
+        let panels = self.co.div_ceil(NR);
+        let groups = UNITS.div_ceil(tiles).clamp(1, panels);
+        let per_group = panels.div_ceil(groups);
         let work = self.pixels * self.ci * self.co;
-        par_chunks_mut(&mut vec![(); tiles], 1, work, |first, chunk| {
-            let p0 = first * MR;
-            let p1 = self.pixels.min((first + chunk.len()) * MR);
-            // SAFETY: the lengths were checked above, and the blocks are disjoint.
-            unsafe { self.compute(x as *const f32, res.map(|r| r as *const f32), out as *mut f32, p0, p1) };
+        par_chunks_mut(&mut vec![(); tiles * groups], 1, work, |first, chunk| {
+            let (u0, u1) = (first, first + chunk.len());
+            for g in u0 / tiles..u1.div_ceil(tiles) {
+                let t0 = u0.max(g * tiles) - g * tiles;
+                let t1 = u1.min((g + 1) * tiles) - g * tiles;
+                let p = (t0 * MR, self.pixels.min(t1 * MR));
+                let q = (g * per_group, panels.min((g + 1) * per_group));
+                // SAFETY: the lengths were checked above, and the units are disjoint.
+                unsafe { self.compute(x as *const f32, res.map(|r| r as *const f32), out as *mut f32, p, q) };
+            }
             Ok(())
         })?;
         Ok(tvec!(output.into_tvalue()))
@@ -421,7 +439,11 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
             let found = if let Some(einsum) = node.op_as::<EinSum>() {
                 pointwise(model, node, einsum)?
             } else if let Some(conv) = node.op_as::<Conv>() {
-                full_conv(model, node, conv)?
+                if conv.group == 1 {
+                    full_conv(model, node, conv)?
+                } else {
+                    depthwise(model, node, conv)?
+                }
             } else {
                 None
             };
@@ -435,11 +457,28 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     }
 }
 
+/// Builds the fused op from the bias, whether a residual is added and the
+/// clamp that [`fuse`] found after the convolution.
+type Build = Box<dyn FnOnce(Vec<f32>, bool, (f32, f32)) -> TractResult<Box<dyn TypedOp>>>;
+
 /// A convolution node [`rewrite`] takes, before what follows it is looked at.
 struct Found {
-    spec: Spec,
-    weights: Arc<Tensor>,
+    co: usize,
+    out_shape: TVec<usize>,
     bias: Vec<f32>,
+    build: Build,
+}
+
+impl Found {
+    /// A [`FusedConv`] of `spec`.
+    fn conv(spec: Spec, weights: Arc<Tensor>, bias: Vec<f32>) -> Found {
+        let (co, out_shape) = (spec.co, spec.out_shape.clone());
+        let build: Build = Box::new(move |bias, residual, clamp| {
+            let spec = Spec { residual, clamp, ..spec };
+            Ok(Box::new(FusedConv::new(spec, weights.try_as_plain_ram()?.as_slice::<f32>()?, &bias)?))
+        });
+        Found { co, out_shape, bias, build }
+    }
 }
 
 /// The 1×1 convolution `node` is, if [`FusedConv`] takes it.
@@ -468,7 +507,7 @@ fn pointwise(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> TractResu
         residual: false,
         clamp: (f32::NEG_INFINITY, f32::INFINITY),
     };
-    Ok(Some(Found { spec, weights, bias: vec![0f32; co] }))
+    Ok(Some(Found::conv(spec, weights, vec![0f32; co])))
 }
 
 /// The full convolution `node` is, if [`FusedConv`] takes it: f32, 2-D, one
@@ -534,7 +573,66 @@ fn full_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<O
         residual: false,
         clamp: (f32::NEG_INFINITY, f32::INFINITY),
     };
-    Ok(Some(Found { spec, weights, bias }))
+    Ok(Some(Found::conv(spec, weights, bias)))
+}
+
+/// The depthwise convolution `node` is, if [`FusedDepthwise`] takes it:
+/// f32, 2-D, channel-last, one group per channel, no dilation, a batch of
+/// one (or none), constant weights and bias.
+fn depthwise(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Found>> {
+    let ps = &conv.pool_spec;
+    if conv.q_params.is_some() || conv.kernel_fmt != KernelFormat::OIHW || node.inputs.len() != 3 {
+        return Ok(None);
+    }
+    if !ps.data_format.c_is_last() || ps.kernel_shape.len() != 2 || ps.dilations().iter().any(|&d| d != 1) {
+        return Ok(None);
+    }
+    let c = ps.input_channels;
+    if c < 2 || conv.group != c || ps.output_channels != c {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(node.id)?;
+    let (Some(x), Some(y)) = (facts[0].shape.as_concrete(), node.outputs[0].fact.shape.as_concrete()) else {
+        return Ok(None);
+    };
+    if facts[0].datum_type != f32::datum_type() || node.outputs[0].fact.datum_type != f32::datum_type() {
+        return Ok(None);
+    }
+    let (Some(weights), Some(bias)) = (konst(model, node.inputs[1])?, konst(model, node.inputs[2])?) else {
+        return Ok(None);
+    };
+    let (Ok(xs), Ok(ys)) = (ps.data_format.shape(x), ps.data_format.shape(y)) else { return Ok(None) };
+    let (kh, kw) = (ps.kernel_shape[0], ps.kernel_shape[1]);
+    if xs.n().is_some_and(|&n| n != 1) || *xs.c() != c || *ys.c() != c || weights.shape() != [c, 1, kh, kw] {
+        return Ok(None);
+    }
+    let (hw, ohw) = (xs.hw_dims(), ys.hw_dims());
+    let padding = ps.computed_padding(hw);
+    if padding[0].convoluted != ohw[0] || padding[1].convoluted != ohw[1] {
+        return Ok(None);
+    }
+    let strides = ps.strides();
+    let geometry = Geometry {
+        c,
+        h: hw[0],
+        w: hw[1],
+        kernel: (kh, kw),
+        strides: (strides[0], strides[1]),
+        pad: (padding[0].pad_before, padding[1].pad_before),
+        out: (ohw[0], ohw[1]),
+    };
+    let bias = match bias.len() {
+        1 => vec![bias.try_as_plain_ram()?.as_slice::<f32>()?[0]; c],
+        n if n == c => bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+        _ => return Ok(None),
+    };
+    let out_shape: TVec<usize> = y.into();
+    let shape = out_shape.clone();
+    let build: Build = Box::new(move |bias, residual, clamp| {
+        let w = weights.try_as_plain_ram()?.as_slice::<f32>()?;
+        Ok(Box::new(FusedDepthwise::new(geometry, shape, w, &bias, residual, clamp)?))
+    });
+    Ok(Some(Found { co: c, out_shape, bias, build }))
 }
 
 /// The axes of `einsum` as a 1×1 convolution, if it is one: `(ci, co,
@@ -604,9 +702,8 @@ fn binary(node: &TypedNode, slot: usize, name: &str) -> Option<OutletId> {
 /// The patch that replaces the convolution `node` and what follows it alone:
 /// a bias `Add`, a residual `Add`, `Max` then `Min` with constants.
 fn fuse(model: &TypedModel, node: &TypedNode, found: Found) -> TractResult<TypedModelPatch> {
-    let Found { mut spec, weights, mut bias } = found;
-    let co = spec.co;
-    let out_shape = spec.out_shape.clone();
+    let Found { co, out_shape, mut bias, build } = found;
+    let mut clamp = (f32::NEG_INFINITY, f32::INFINITY);
     let mut last = node.id;
     let mut residual = None;
     let same_shape = |o: OutletId| model.outlet_fact(o).map(|f| f.shape.as_concrete() == Some(&*out_shape));
@@ -645,14 +742,13 @@ fn fuse(model: &TypedModel, node: &TypedNode, found: Found) -> TractResult<Typed
             break;
         }
         if is_max {
-            spec.clamp.0 = v;
+            clamp.0 = v;
         } else {
-            spec.clamp.1 = v;
+            clamp.1 = v;
         }
         last = succ.id;
     }
-    spec.residual = residual.is_some();
-    let op = FusedConv::new(spec, weights.try_as_plain_ram()?.as_slice::<f32>()?, &bias)?;
+    let op = build(bias, residual.is_some(), clamp)?;
     let mut patch = TypedModelPatch::new(format!("tern-fused-conv {}", node.name));
     let mut inputs = tvec![patch.tap_model(model, node.inputs[0])?];
     if let Some(r) = residual {
@@ -704,20 +800,21 @@ mod x86 {
     /// # Safety
     /// As [`FusedConv::compute`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn run(op: &FusedConv, x: *const f32, residual: Option<*const f32>, out: *mut f32, p0: usize, p1: usize) {
+    pub(super) unsafe fn run(op: &FusedConv, x: *const f32, residual: Option<*const f32>, out: *mut f32, p: (usize, usize), q: (usize, usize)) {
         unsafe {
             match &op.input {
                 Input::Pointwise(layout) => {
                     let (xp, xc) = layout.strides(op.pixels, op.ci);
-                    blocks(op, |p| x.add(p * xp), Strided(xc), residual, out, p0, p1)
+                    blocks(op, |p| x.add(p * xp), Strided(xc), residual, out, p, q)
                 }
-                Input::Patches(g) => blocks(op, |p| x.add(g.origin(p)), Table(op.taps.as_ptr()), residual, out, p0, p1),
+                Input::Patches(g) => blocks(op, |p| x.add(g.origin(p)), Table(op.taps.as_ptr()), residual, out, p, q),
             }
         }
     }
 
-    /// Walks pixels `p0..p1` by blocks that stay in cache while every
-    /// weight panel runs over them; `row(p)` is where pixel `p`'s values start.
+    /// Walks pixels `p0..p1` by blocks that stay in cache while the weight
+    /// panels `q0..q1` run over them; `row(p)` is where pixel `p`'s values
+    /// start.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn blocks<T: Taps>(
@@ -726,18 +823,17 @@ mod x86 {
         taps: T,
         residual: Option<*const f32>,
         out: *mut f32,
-        p0: usize,
-        p1: usize,
+        (p0, p1): (usize, usize),
+        (q0, q1): (usize, usize),
     ) {
         unsafe {
             let (ci, co) = (op.ci, op.co);
             let (yp, yc) = op.output.strides(op.pixels, co);
-            let panels = co.div_ceil(NR);
             let block = ((BLOCK_BYTES / (4 * ci)) / MR * MR).max(MR);
             let mut b0 = p0;
             while b0 < p1 {
                 let b1 = p1.min(b0 + block);
-                for q in 0..panels {
+                for q in q0..q1 {
                     let mut p = b0;
                     while p < b1 {
                         let n = (b1 - p).min(MR);
@@ -927,7 +1023,7 @@ mod tests {
         };
         let mut portable = vec![f32::NAN; pixels * co];
         let rp = spec.residual.then_some(r.as_ptr());
-        unsafe { op.compute_portable(padded.as_ptr(), rp, portable.as_mut_ptr(), 0, pixels) };
+        unsafe { op.compute_portable(padded.as_ptr(), rp, portable.as_mut_ptr(), (0, pixels), (0, co.div_ceil(NR))) };
         let tol = 1e-5 * (ci as f32).sqrt() * 4.0;
         for (k, ((g, p), e)) in got.iter().zip(&portable).zip(&want).enumerate() {
             assert!((g - e).abs() <= tol, "{spec:?} at {k}: kernel {g}, reference {e}");
@@ -949,6 +1045,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn threads_split_pixels_and_panels_without_overlap() {
+        use tract_onnx::tract_core::tract_linalg::multithread::{multithread_tract_scope, Executor};
+        multithread_tract_scope(Executor::multithread(3), || {
+            // 49 pixels (9 tiles) × 20 panels: panel groups; 4000 pixels: tiles alone.
+            for (ci, co, pixels) in [(64, 320, 49), (24, 40, 4000), (40, 24, 13)] {
+                for o in [Layout::PixelMajor, Layout::ChannelMajor] {
+                    let spec = Spec {
+                        ci,
+                        co,
+                        pixels,
+                        input: Input::Pointwise(Layout::ChannelMajor),
+                        output: o,
+                        out_shape: tvec![pixels, co],
+                        residual: true,
+                        clamp: (0.0, 6.0),
+                    };
+                    check(spec, pixels * ci);
+                }
+            }
+        });
     }
 
     #[test]

@@ -1,0 +1,496 @@
+//! A channel-last depthwise convolution with its bias, a residual and a
+//! clamp in registers: [`FusedDepthwise`].
+//!
+//! tract runs a channel-last depthwise layer through its zone walk and a
+//! channel-inner kernel (Tern registers an x86-64 one, `crate::kernels`), then
+//! clamps the output (ReLU6) in a pass of its own, and splits the layer
+//! across threads by blocks of 16 channels. This op clamps before the one
+//! store, and splits by output rows.
+
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::*;
+use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
+
+/// Channels of one vector.
+const LANES: usize = 8;
+
+/// The geometry of a depthwise convolution over channel-last data: input
+/// `h × w × c`, kernel `kh × kw` per channel, strides, zero padding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Geometry {
+    /// Channels.
+    pub c: usize,
+    /// Input rows.
+    pub h: usize,
+    /// Input columns.
+    pub w: usize,
+    /// Kernel rows and columns.
+    pub kernel: (usize, usize),
+    /// Row and column strides.
+    pub strides: (usize, usize),
+    /// Zero rows above, columns to the left.
+    pub pad: (usize, usize),
+    /// Output rows and columns.
+    pub out: (usize, usize),
+}
+
+impl Geometry {
+    /// The kernel rows that stay inside the input for output row `oy`.
+    fn rows(&self, oy: usize) -> (usize, usize) {
+        Geometry::inside(oy * self.strides.0, self.pad.0, self.kernel.0, self.h)
+    }
+
+    /// The kernel columns that stay inside the input for output column `ox`.
+    fn cols(&self, ox: usize) -> (usize, usize) {
+        Geometry::inside(ox * self.strides.1, self.pad.1, self.kernel.1, self.w)
+    }
+
+    /// Taps `k0..k1` of a kernel of `k` taps whose first tap sits at
+    /// `start - pad` that fall in `0..len`.
+    fn inside(start: usize, pad: usize, k: usize, len: usize) -> (usize, usize) {
+        let k0 = pad.saturating_sub(start).min(k);
+        let k1 = (len + pad).saturating_sub(start).min(k).max(k0);
+        (k0, k1)
+    }
+}
+
+/// A depthwise convolution of channel-last f32 data: `out[y, x, c] =
+/// clamp(bias[c] + Σ x[y·sh + ky − pt, x·sw + kx − pl, c]·k[c, ky, kx]
+/// (+ residual[y, x, c]))`, zero outside the input.
+#[derive(Clone, PartialEq)]
+pub struct FusedDepthwise {
+    geometry: Geometry,
+    out_shape: TVec<usize>,
+    /// Tap `t = ky·kw + kx`, channel `c` at `t·cp + c`; `cp` is `c` rounded
+    /// up to whole vectors, zeros past `c`.
+    packed: Arc<Vec<f32>>,
+    /// `cp` values, zeros past `c`.
+    bias: Arc<Vec<f32>>,
+    residual: bool,
+    clamp: (f32, f32),
+}
+
+// The clamp bounds are never NaN (checked in `new`), so equality is an
+// equivalence.
+impl Eq for FusedDepthwise {}
+
+impl std::fmt::Debug for FusedDepthwise {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FusedDepthwise({:?}, residual: {}, clamp: {:?})", self.geometry, self.residual, self.clamp)
+    }
+}
+
+impl FusedDepthwise {
+    /// Packs `weights` (`[c, 1, kh, kw]`, row-major) and `bias` (`c` values).
+    pub fn new(
+        geometry: Geometry,
+        out_shape: TVec<usize>,
+        weights: &[f32],
+        bias: &[f32],
+        residual: bool,
+        clamp: (f32, f32),
+    ) -> TractResult<FusedDepthwise> {
+        let g = &geometry;
+        let (c, taps) = (g.c, g.kernel.0 * g.kernel.1);
+        ensure!(c > 0 && taps > 0 && g.strides.0 > 0 && g.strides.1 > 0, "depthwise convolution {g:?}");
+        ensure!(weights.len() == c * taps, "{} weights for {g:?}", weights.len());
+        ensure!(bias.len() == c, "{} biases for {c} channels", bias.len());
+        ensure!(!clamp.0.is_nan() && !clamp.1.is_nan(), "clamp to {clamp:?}");
+        ensure!(out_shape.iter().product::<usize>() == g.out.0 * g.out.1 * c, "output {out_shape:?} for {g:?}");
+        // Every output position must have a tap inside the input, or its
+        // output would be the bias alone where the graph's padding says so;
+        // that is still right, but the row and column ranges assume it.
+        ensure!(
+            g.out.0 > 0 && g.out.1 > 0 && (g.out.0 - 1) * g.strides.0 < g.h + g.pad.0 + g.kernel.0 && (g.out.1 - 1) * g.strides.1 < g.w + g.pad.1 + g.kernel.1,
+            "{g:?}: the output runs past the padded input"
+        );
+        let cp = c.div_ceil(LANES) * LANES;
+        let mut packed = vec![0f32; taps * cp];
+        for ch in 0..c {
+            for t in 0..taps {
+                packed[t * cp + ch] = weights[ch * taps + t];
+            }
+        }
+        let mut padded = vec![0f32; cp];
+        padded[..c].copy_from_slice(bias);
+        Ok(FusedDepthwise {
+            geometry,
+            out_shape,
+            packed: Arc::new(packed),
+            bias: Arc::new(padded),
+            residual,
+            clamp,
+        })
+    }
+
+    /// Computes output rows `oy0..oy1`.
+    ///
+    /// # Safety
+    /// `x` holds `h × w × c` values, `out` (and `residual`) `oh × ow × c`; `oy0
+    /// ≤ oy1 ≤ oh`; no other thread writes these rows.
+    unsafe fn compute(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, oy0: usize, oy1: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if super::supported() {
+            // SAFETY: as this function's; the CPU has AVX2 and FMA.
+            unsafe { x86::rows(self, x, residual, out, oy0, oy1) };
+            return;
+        }
+        unsafe { self.compute_portable(x, residual, out, oy0, oy1) }
+    }
+
+    /// The same arithmetic without SIMD.
+    ///
+    /// # Safety
+    /// As [`FusedDepthwise::compute`].
+    unsafe fn compute_portable(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, oy0: usize, oy1: usize) {
+        let g = &self.geometry;
+        let cp = self.bias.len();
+        for oy in oy0..oy1 {
+            let (ky0, ky1) = g.rows(oy);
+            for ox in 0..g.out.1 {
+                let (kx0, kx1) = g.cols(ox);
+                for c in 0..g.c {
+                    let mut acc = self.bias[c];
+                    for ky in ky0..ky1 {
+                        let iy = oy * g.strides.0 + ky - g.pad.0;
+                        for kx in kx0..kx1 {
+                            let ix = ox * g.strides.1 + kx - g.pad.1;
+                            let v = unsafe { *x.add((iy * g.w + ix) * g.c + c) };
+                            acc = v.mul_add(self.packed[(ky * g.kernel.1 + kx) * cp + c], acc);
+                        }
+                    }
+                    let at = (oy * g.out.1 + ox) * g.c + c;
+                    if let Some(r) = residual {
+                        acc += unsafe { *r.add(at) };
+                    }
+                    unsafe { *out.add(at) = acc.max(self.clamp.0).min(self.clamp.1) };
+                }
+            }
+        }
+    }
+}
+
+impl Op for FusedDepthwise {
+    fn name(&self) -> StaticName {
+        "TernFusedDepthwise".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("{self:?}")])
+    }
+
+    fn validation(&self) -> Validation {
+        Validation::Rounding
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for FusedDepthwise {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let g = &self.geometry;
+        ensure!(inputs.len() == 1 + self.residual as usize, "{} inputs to {self:?}", inputs.len());
+        let xs = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        ensure!(xs.len() == g.h * g.w * g.c, "{self:?} given a {:?} input", inputs[0].shape());
+        let res = if self.residual {
+            ensure!(inputs[1].shape() == &*self.out_shape, "{self:?} given a {:?} residual", inputs[1].shape());
+            Some(inputs[1].as_ptr::<f32>()? as usize)
+        } else {
+            None
+        };
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
+        let (x, out) = (xs.as_ptr() as usize, output.as_ptr_mut::<f32>()? as usize);
+        let work = g.out.0 * g.out.1 * g.c * g.kernel.0 * g.kernel.1;
+        par_chunks_mut(&mut vec![(); g.out.0], 1, work, |first, rows| {
+            // SAFETY: the lengths were checked above, and the row blocks are disjoint.
+            unsafe {
+                self.compute(x as *const f32, res.map(|r| r as *const f32), out as *mut f32, first, first + rows.len())
+            };
+            Ok(())
+        })?;
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl TypedOp for FusedDepthwise {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let g = &self.geometry;
+        ensure!(inputs.len() == 1 + self.residual as usize);
+        ensure!(inputs.iter().all(|f| f.datum_type == f32::datum_type()));
+        ensure!(inputs[0].shape.volume() == (g.h * g.w * g.c).to_dim());
+        Ok(tvec!(f32::fact(&*self.out_shape)))
+    }
+
+    fn cost(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let g = &self.geometry;
+        Ok(tvec!((Cost::FMA(f32::datum_type()), (g.out.0 * g.out.1 * g.c * g.kernel.0 * g.kernel.1).to_dim())))
+    }
+
+    as_op!();
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{FusedDepthwise, LANES};
+
+    /// Output positions of one row computed together in the interior (every
+    /// tap inside the input): each kernel vector is loaded once for them all.
+    const QUAD: usize = 4;
+
+    /// Computes output rows `oy0..oy1`.
+    ///
+    /// # Safety
+    /// As [`FusedDepthwise::compute`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows(op: &FusedDepthwise, x: *const f32, res: Option<*const f32>, out: *mut f32, oy0: usize, oy1: usize) {
+        unsafe {
+            let g = &op.geometry;
+            let (kw, sw) = (g.kernel.1, g.strides.1);
+            // Columns whose taps are all inside the input: lo..hi.
+            let lo = g.pad.1.div_ceil(sw).min(g.out.1);
+            let hi = if g.w + g.pad.1 >= kw { ((g.w + g.pad.1 - kw) / sw + 1).min(g.out.1) } else { 0 }.max(lo);
+            for oy in oy0..oy1 {
+                let (ky0, ky1) = g.rows(oy);
+                let mut ox = 0;
+                while ox < g.out.1 {
+                    let quad_fits = ox >= lo && ox + QUAD <= hi;
+                    let cols = g.cols(ox);
+                    let at = (oy, ox);
+                    let mut ch = 0;
+                    // Several channel vectors at once: independent
+                    // accumulators to hide the FMA latency.
+                    if quad_fits {
+                        while ch + 2 * LANES <= g.c {
+                            quad::<2, true>(op, x, res, out, at, ch, (ky0, ky1));
+                            ch += 2 * LANES;
+                        }
+                    } else {
+                        while ch + 4 * LANES <= g.c {
+                            single::<4, true>(op, x, res, out, at, ch, (ky0, ky1), cols);
+                            ch += 4 * LANES;
+                        }
+                    }
+                    while ch < g.c {
+                        match (quad_fits, ch + LANES <= g.c) {
+                            (true, true) => quad::<1, true>(op, x, res, out, at, ch, (ky0, ky1)),
+                            (true, false) => quad::<1, false>(op, x, res, out, at, ch, (ky0, ky1)),
+                            (false, true) => single::<1, true>(op, x, res, out, at, ch, (ky0, ky1), cols),
+                            (false, false) => single::<1, false>(op, x, res, out, at, ch, (ky0, ky1), cols),
+                        }
+                        ch += LANES;
+                    }
+                    ox += if quad_fits { QUAD } else { 1 };
+                }
+            }
+        }
+    }
+
+    /// Lanes `c..c+8` of the channels: a mask of those below `channels`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn lanes(c: usize, channels: usize) -> __m256i {
+        let left = channels.saturating_sub(c).min(LANES) as i32;
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// Loads 8 channels at `p` (those under `mask` unless `FULL`).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn load<const FULL: bool>(p: *const f32, mask: __m256i) -> __m256 {
+        unsafe { if FULL { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, mask) } }
+    }
+
+    /// Adds the residual, clamps and stores 8 channels at `at`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn store<const FULL: bool>(op: &FusedDepthwise, res: Option<*const f32>, out: *mut f32, at: usize, mask: __m256i, mut v: __m256) {
+        unsafe {
+            if let Some(r) = res {
+                v = _mm256_add_ps(v, load::<FULL>(r.add(at), mask));
+            }
+            v = _mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(op.clamp.0)), _mm256_set1_ps(op.clamp.1));
+            if FULL {
+                _mm256_storeu_ps(out.add(at), v);
+            } else {
+                _mm256_maskstore_ps(out.add(at), mask, v);
+            }
+        }
+    }
+
+    /// Four interior output positions `ox..ox+4` of row `oy`, channels
+    /// `ch..ch+8·NB` (only those under `c` unless `FULL`, with `NB` 1).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn quad<const NB: usize, const FULL: bool>(
+        op: &FusedDepthwise,
+        x: *const f32,
+        res: Option<*const f32>,
+        out: *mut f32,
+        (oy, ox): (usize, usize),
+        ch: usize,
+        (ky0, ky1): (usize, usize),
+    ) {
+        unsafe {
+            let g = &op.geometry;
+            let (c, cp, kw, sw) = (g.c, op.bias.len(), g.kernel.1, g.strides.1);
+            let step = sw * c;
+            let mask = lanes(ch, c);
+            let mut acc = [[_mm256_setzero_ps(); NB]; QUAD];
+            for a in acc.iter_mut() {
+                for (v, av) in a.iter_mut().enumerate() {
+                    *av = _mm256_loadu_ps(op.bias.as_ptr().add(ch + v * LANES));
+                }
+            }
+            for ky in ky0..ky1 {
+                let iy = oy * g.strides.0 + ky - g.pad.0;
+                let mut p = x.add((iy * g.w + ox * sw - g.pad.1) * c + ch);
+                let mut k = op.packed.as_ptr().add(ky * kw * cp + ch);
+                for _ in 0..kw {
+                    for v in 0..NB {
+                        let kv = _mm256_loadu_ps(k.add(v * LANES));
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            a[v] = _mm256_fmadd_ps(load::<FULL>(p.add(j * step + v * LANES), mask), kv, a[v]);
+                        }
+                    }
+                    p = p.add(c);
+                    k = k.add(cp);
+                }
+            }
+            let at = (oy * g.out.1 + ox) * c + ch;
+            for (j, a) in acc.iter().enumerate() {
+                for (v, av) in a.iter().enumerate() {
+                    store::<FULL>(op, res, out, at + j * c + v * LANES, mask, *av);
+                }
+            }
+        }
+    }
+
+    /// One output position `ox` of row `oy`, channels `ch..ch+8·NB` (only
+    /// those under `c` unless `FULL`, with `NB` 1), with the taps inside
+    /// the input.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn single<const NB: usize, const FULL: bool>(
+        op: &FusedDepthwise,
+        x: *const f32,
+        res: Option<*const f32>,
+        out: *mut f32,
+        (oy, ox): (usize, usize),
+        ch: usize,
+        (ky0, ky1): (usize, usize),
+        (kx0, kx1): (usize, usize),
+    ) {
+        unsafe {
+            let g = &op.geometry;
+            let (c, cp, kw) = (g.c, op.bias.len(), g.kernel.1);
+            let mask = lanes(ch, c);
+            let mut acc = [_mm256_setzero_ps(); NB];
+            for (v, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_loadu_ps(op.bias.as_ptr().add(ch + v * LANES));
+            }
+            for ky in ky0..ky1 {
+                let iy = oy * g.strides.0 + ky - g.pad.0;
+                for kx in kx0..kx1 {
+                    let ix = ox * g.strides.1 + kx - g.pad.1;
+                    let p = x.add((iy * g.w + ix) * c + ch);
+                    let k = op.packed.as_ptr().add((ky * kw + kx) * cp + ch);
+                    for (v, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_fmadd_ps(load::<FULL>(p.add(v * LANES), mask), _mm256_loadu_ps(k.add(v * LANES)), *a);
+                    }
+                }
+            }
+            let at = (oy * g.out.1 + ox) * c + ch;
+            for (v, a) in acc.iter().enumerate() {
+                store::<FULL>(op, res, out, at + v * LANES, mask, *a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Plain loops over signed coordinates, in f64.
+    fn reference(x: &[f32], w: &[f32], b: &[f32], res: Option<&[f32]>, g: &Geometry, clamp: (f32, f32)) -> Vec<f32> {
+        let (kh, kw) = g.kernel;
+        let mut y = vec![0f32; g.out.0 * g.out.1 * g.c];
+        for oy in 0..g.out.0 {
+            for ox in 0..g.out.1 {
+                for c in 0..g.c {
+                    let mut acc = b[c] as f64;
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let iy = (oy * g.strides.0 + ky) as isize - g.pad.0 as isize;
+                            let ix = (ox * g.strides.1 + kx) as isize - g.pad.1 as isize;
+                            if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                                let v = x[(iy as usize * g.w + ix as usize) * g.c + c] as f64;
+                                acc += v * w[(c * kh + ky) * kw + kx] as f64;
+                            }
+                        }
+                    }
+                    let at = (oy * g.out.1 + ox) * g.c + c;
+                    if let Some(r) = res {
+                        acc += r[at] as f64;
+                    }
+                    y[at] = (acc as f32).max(clamp.0).min(clamp.1);
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn every_stride_padding_border_and_channel_tail_matches_plain_loops() {
+        // (c, h, w, kernel, strides, pad top/left, pad bottom/right)
+        let cases = [
+            (96, 12, 13, (3, 3), (2, 2), (0, 0), (1, 1)),
+            (32, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1)),
+            (20, 7, 7, (5, 5), (1, 1), (2, 2), (2, 2)),
+            (11, 10, 15, (5, 5), (2, 2), (1, 2), (2, 2)),
+            (3, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1)),
+            (16, 3, 17, (1, 3), (1, 3), (0, 1), (0, 1)),
+        ];
+        for (c, h, w, kernel, strides, pad, after) in cases {
+            let out = ((h + pad.0 + after.0 - kernel.0) / strides.0 + 1, (w + pad.1 + after.1 - kernel.1) / strides.1 + 1);
+            let g = Geometry { c, h, w, kernel, strides, pad, out };
+            for (residual, clamp) in [(false, (0.0f32, 6.0f32)), (true, (f32::NEG_INFINITY, f32::INFINITY))] {
+                let n = out.0 * out.1 * c;
+                let (x, k, b, r) = (values(h * w * c, 1), values(c * kernel.0 * kernel.1, 2), values(c, 3), values(n, 4));
+                let op = FusedDepthwise::new(g.clone(), tvec![out.0, out.1, c], &k, &b, residual, clamp).unwrap();
+                let want = reference(&x, &k, &b, residual.then_some(&r[..]), &g, clamp);
+                let mut inputs = tvec![Tensor::from_shape(&[h, w, c], &x).unwrap().into_tvalue()];
+                if residual {
+                    inputs.push(Tensor::from_shape(&[out.0, out.1, c], &r).unwrap().into_tvalue());
+                }
+                let got = op.eval(&EvalContext::out_of_plan(), inputs).unwrap();
+                let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+                let mut portable = vec![f32::NAN; n];
+                unsafe { op.compute_portable(x.as_ptr(), residual.then_some(r.as_ptr()), portable.as_mut_ptr(), 0, out.0) };
+                for (i, ((a, p), e)) in got.iter().zip(&portable).zip(&want).enumerate() {
+                    assert!((a - e).abs() <= 2e-5, "{g:?} at {i}: kernel {a}, reference {e}");
+                    assert!((p - e).abs() <= 2e-5, "{g:?} at {i}: portable {p}, reference {e}");
+                }
+            }
+        }
+    }
+}
