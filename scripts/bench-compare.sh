@@ -89,6 +89,13 @@ if len(rounds) > 1:
                 v = [at[(b, t, a, k)] / at[(b, t, c, k)] for k in rounds if (b, t, a, k) in at and (b, t, c, k) in at]
                 if v:
                     print(f"  {b} @ {t} thread(s): {a} / {c} = {statistics.median(v):.2f} [{min(v):.2f}–{max(v):.2f}]")
+    names = list(dict.fromkeys(r["bundle"] for r in rows))
+    for b in names[1:]:
+        for t in dict.fromkeys(r["threads"] for r in rows):
+            for a in ("tern (tract)", "tract kernels only"):
+                v = [at[(b, t, a, k)] / at[(names[0], t, a, k)] for k in rounds if (b, t, a, k) in at and (names[0], t, a, k) in at]
+                if v:
+                    print(f"  {a}: {b} / {names[0]} @ {t} thread(s) = {statistics.median(v):.2f} [{min(v):.2f}–{max(v):.2f}]")
 print("\nratios (p50 latency" + (", last round" if len(rounds) > 1 else "") + "):")
 tern = {(r["bundle"], r["threads"]): r for r in rows if r["runtime"].startswith("tern")}
 own = {(r["bundle"], r["threads"]): r for r in rows if r["runtime"] == "tract kernels only"}

@@ -132,7 +132,7 @@ impl FusedDepthwise {
     /// ≤ oy1 ≤ oh`; no other thread writes these rows.
     unsafe fn compute(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, oy0: usize, oy1: usize) {
         #[cfg(target_arch = "x86_64")]
-        if super::supported() {
+        if super::has_kernel() {
             // SAFETY: as this function's; the CPU has AVX2 and FMA.
             unsafe { x86::rows(self, x, residual, out, oy0, oy1) };
             return;

@@ -1,5 +1,5 @@
-//! Tern's own fused convolution op for x86-64, put in tract's plan in place
-//! of tract's.
+//! Tern's own fused convolution ops for x86-64, put in tract's plan in
+//! place of tract's.
 //!
 //! tract 0.23 turns a 1×1 convolution into a matrix product whose
 //! activation operand it packs into panels at every inference
@@ -21,9 +21,14 @@
 //! - adds the bias and the residual and clamps in registers before the
 //!   single store of each output.
 //!
-//! The kernel is AVX2 + FMA, 6 positions × 16 channels a tile (12
-//! accumulators). It runs only where the CPU has both: [`rewrite`] leaves
-//! the graph to tract elsewhere (aarch64 devices keep tract's NEON kernels).
+//! A channel-last depthwise convolution, with the same clamp and residual
+//! after it, becomes a [`FusedDepthwise`] (see its module).
+//!
+//! The kernels are AVX2 + FMA; the convolution's is 6 positions × 16
+//! channels a tile (12 accumulators). [`rewrite`] uses them where
+//! [`supported`] says so and leaves the graph to tract elsewhere: aarch64
+//! devices keep tract's NEON kernels, and AVX-512 machines tract's 16-lane
+//! ones, which these have not been measured against.
 
 mod depthwise;
 
@@ -219,11 +224,30 @@ pub struct Spec {
     pub clamp: (f32, f32),
 }
 
-/// Whether this CPU runs Tern's kernel (AVX2 and FMA).
+/// Whether [`rewrite`] puts Tern's fused ops in plans on this CPU: x86-64
+/// with AVX2 and FMA, and without AVX-512, where tract's 16-lane kernels
+/// have not been measured against these 8-lane ones.
 pub fn supported() -> bool {
+    has_kernel() && !has_avx512()
+}
+
+/// Whether the AVX2 + FMA kernels can run here (the ops run their portable
+/// loops elsewhere).
+fn has_kernel() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -301,7 +325,7 @@ impl FusedConv {
     /// pixels`, `q0 ≤ q1 ≤` panels; no other thread writes these outputs.
     unsafe fn compute(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p: (usize, usize), q: (usize, usize)) {
         #[cfg(target_arch = "x86_64")]
-        if supported() {
+        if has_kernel() {
             // SAFETY: as this function's; the CPU has AVX2 and FMA.
             unsafe { x86::run(self, x, residual, out, p, q) };
             return;
