@@ -539,27 +539,12 @@ fn pointwise(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> TractResu
 /// and bias.
 fn full_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Found>> {
     let ps = &conv.pool_spec;
-    if conv.q_params.is_some() || conv.group != 1 || conv.kernel_fmt != KernelFormat::OIHW || node.inputs.len() != 3 {
+    if conv.group != 1 || ps.kernel_shape.iter().product::<usize>() == 1 {
         return Ok(None);
     }
-    if ps.kernel_shape.len() != 2 || ps.dilations().iter().any(|&d| d != 1) || ps.kernel_shape.iter().product::<usize>() == 1 {
-        return Ok(None);
-    }
-    let facts = model.node_input_facts(node.id)?;
-    let (Some(x), Some(y)) = (facts[0].shape.as_concrete(), node.outputs[0].fact.shape.as_concrete()) else {
-        return Ok(None);
-    };
-    if facts[0].datum_type != f32::datum_type() || node.outputs[0].fact.datum_type != f32::datum_type() {
-        return Ok(None);
-    }
-    let (Some(weights), Some(bias)) = (konst(model, node.inputs[1])?, konst(model, node.inputs[2])?) else {
-        return Ok(None);
-    };
+    let Some(ConvOperands { x, y, weights, bias }) = conv_operands(model, node, conv)? else { return Ok(None) };
     let fmt = ps.data_format;
-    let (Ok(xs), Ok(ys)) = (fmt.shape(x), fmt.shape(y)) else { return Ok(None) };
-    if xs.n().is_some_and(|&n| n != 1) {
-        return Ok(None);
-    }
+    let (xs, ys) = (fmt.shape(&x)?, fmt.shape(&y)?);
     let (c, co) = (*xs.c(), *ys.c());
     let (hw, ohw) = (xs.hw_dims(), ys.hw_dims());
     let layout = if fmt.c_is_last() { Layout::PixelMajor } else { Layout::ChannelMajor };
@@ -582,37 +567,38 @@ fn full_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<O
     if padding[0].convoluted != ohw[0] || padding[1].convoluted != ohw[1] {
         return Ok(None);
     }
-    let bias = match bias.len() {
-        1 => vec![bias.try_as_plain_ram()?.as_slice::<f32>()?[0]; co],
-        n if n == co => bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
-        _ => return Ok(None),
-    };
+    let Some(bias) = per_channel(&bias, co)? else { return Ok(None) };
     let spec = Spec {
         ci: c * kh * kw,
         co,
         pixels: ohw[0] * ohw[1],
         input: Input::Patches(geometry),
         output: layout,
-        out_shape: y.into(),
+        out_shape: y,
         residual: false,
         clamp: (f32::NEG_INFINITY, f32::INFINITY),
     };
     Ok(Some(Found::conv(spec, weights, bias)))
 }
 
-/// The depthwise convolution `node` is, if [`FusedDepthwise`] takes it:
-/// f32, 2-D, channel-last, one group per channel, no dilation, a batch of
-/// one (or none), constant weights and bias.
-fn depthwise(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Found>> {
+/// What an f32 2-D convolution node computes with, where [`rewrite`] can
+/// take it: concrete shapes, constant weights and bias.
+struct ConvOperands {
+    x: TVec<usize>,
+    y: TVec<usize>,
+    weights: Arc<Tensor>,
+    bias: Arc<Tensor>,
+}
+
+/// The operands of `node` if it is an f32 2-D convolution with `OIHW`
+/// constant weights and bias, no dilation, concrete shapes and a batch of
+/// one (or none).
+fn conv_operands(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<ConvOperands>> {
     let ps = &conv.pool_spec;
     if conv.q_params.is_some() || conv.kernel_fmt != KernelFormat::OIHW || node.inputs.len() != 3 {
         return Ok(None);
     }
-    if !ps.data_format.c_is_last() || ps.kernel_shape.len() != 2 || ps.dilations().iter().any(|&d| d != 1) {
-        return Ok(None);
-    }
-    let c = ps.input_channels;
-    if c < 2 || conv.group != c || ps.output_channels != c {
+    if ps.kernel_shape.len() != 2 || ps.dilations().iter().any(|&d| d != 1) {
         return Ok(None);
     }
     let facts = model.node_input_facts(node.id)?;
@@ -625,9 +611,36 @@ fn depthwise(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<O
     let (Some(weights), Some(bias)) = (konst(model, node.inputs[1])?, konst(model, node.inputs[2])?) else {
         return Ok(None);
     };
-    let (Ok(xs), Ok(ys)) = (ps.data_format.shape(x), ps.data_format.shape(y)) else { return Ok(None) };
+    let (Ok(xs), Ok(_)) = (ps.data_format.shape(x), ps.data_format.shape(y)) else { return Ok(None) };
+    if xs.n().is_some_and(|&n| n != 1) {
+        return Ok(None);
+    }
+    Ok(Some(ConvOperands { x: x.into(), y: y.into(), weights, bias }))
+}
+
+/// `bias` as one value per channel of `co`: as it is, or one value repeated.
+fn per_channel(bias: &Tensor, co: usize) -> TractResult<Option<Vec<f32>>> {
+    let b = bias.try_as_plain_ram()?.as_slice::<f32>()?;
+    Ok(match b.len() {
+        1 => Some(vec![b[0]; co]),
+        n if n == co => Some(b.to_vec()),
+        _ => None,
+    })
+}
+
+/// The depthwise convolution `node` is, if [`FusedDepthwise`] takes it:
+/// f32, 2-D, channel-last, one group per channel, no dilation, a batch of
+/// one (or none), constant weights and bias.
+fn depthwise(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Found>> {
+    let ps = &conv.pool_spec;
+    let c = ps.input_channels;
+    if !ps.data_format.c_is_last() || c < 2 || conv.group != c || ps.output_channels != c {
+        return Ok(None);
+    }
+    let Some(ConvOperands { x, y, weights, bias }) = conv_operands(model, node, conv)? else { return Ok(None) };
+    let (xs, ys) = (ps.data_format.shape(&x)?, ps.data_format.shape(&y)?);
     let (kh, kw) = (ps.kernel_shape[0], ps.kernel_shape[1]);
-    if xs.n().is_some_and(|&n| n != 1) || *xs.c() != c || *ys.c() != c || weights.shape() != [c, 1, kh, kw] {
+    if *xs.c() != c || *ys.c() != c || weights.shape() != [c, 1, kh, kw] {
         return Ok(None);
     }
     let (hw, ohw) = (xs.hw_dims(), ys.hw_dims());
@@ -645,12 +658,8 @@ fn depthwise(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<O
         pad: (padding[0].pad_before, padding[1].pad_before),
         out: (ohw[0], ohw[1]),
     };
-    let bias = match bias.len() {
-        1 => vec![bias.try_as_plain_ram()?.as_slice::<f32>()?[0]; c],
-        n if n == c => bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
-        _ => return Ok(None),
-    };
-    let out_shape: TVec<usize> = y.into();
+    let Some(bias) = per_channel(&bias, c)? else { return Ok(None) };
+    let out_shape = y;
     let shape = out_shape.clone();
     let build: Build = Box::new(move |bias, residual, clamp| {
         let w = weights.try_as_plain_ram()?.as_slice::<f32>()?;
