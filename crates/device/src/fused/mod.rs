@@ -489,19 +489,21 @@ type Build = Box<dyn FnOnce(Vec<f32>, bool, (f32, f32)) -> TractResult<Box<dyn T
 struct Found {
     co: usize,
     out_shape: TVec<usize>,
+    /// The axis of `out_shape` that holds the output channels.
+    channel_axis: usize,
     bias: Vec<f32>,
     build: Build,
 }
 
 impl Found {
     /// A [`FusedConv`] of `spec`.
-    fn conv(spec: Spec, weights: Arc<Tensor>, bias: Vec<f32>) -> Found {
+    fn conv(spec: Spec, weights: Arc<Tensor>, bias: Vec<f32>, channel_axis: usize) -> Found {
         let (co, out_shape) = (spec.co, spec.out_shape.clone());
         let build: Build = Box::new(move |bias, residual, clamp| {
             let spec = Spec { residual, clamp, ..spec };
             Ok(Box::new(FusedConv::new(spec, weights.try_as_plain_ram()?.as_slice::<f32>()?, &bias)?))
         });
-        Found { co, out_shape, bias, build }
+        Found { co, out_shape, channel_axis, bias, build }
     }
 }
 
@@ -521,6 +523,12 @@ fn pointwise(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> TractResu
     }
     let Some(weights) = konst(model, node.inputs[1])? else { return Ok(None) };
     let Some((ci, co, pixels, input, output)) = conv_axes(einsum, x, w, y) else { return Ok(None) };
+    // The output axis of the weight's first (output channel) axis.
+    let (inputs, outputs) = einsum.axes.to_strs();
+    let o_label = inputs.get(1).and_then(|w| w.chars().next());
+    let Some(channel_axis) = outputs.first().and_then(|ys| ys.chars().position(|c| Some(c) == o_label)) else {
+        return Ok(None);
+    };
     let spec = Spec {
         ci,
         co,
@@ -531,7 +539,7 @@ fn pointwise(model: &TypedModel, node: &TypedNode, einsum: &EinSum) -> TractResu
         residual: false,
         clamp: (f32::NEG_INFINITY, f32::INFINITY),
     };
-    Ok(Some(Found::conv(spec, weights, vec![0f32; co])))
+    Ok(Some(Found::conv(spec, weights, vec![0f32; co], channel_axis)))
 }
 
 /// The full convolution `node` is, if [`FusedConv`] takes it: f32, 2-D, one
@@ -545,7 +553,7 @@ fn full_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<O
     let Some(ConvOperands { x, y, weights, bias }) = conv_operands(model, node, conv)? else { return Ok(None) };
     let fmt = ps.data_format;
     let (xs, ys) = (fmt.shape(&x)?, fmt.shape(&y)?);
-    let (c, co) = (*xs.c(), *ys.c());
+    let (c, co, channel_axis) = (*xs.c(), *ys.c(), ys.c_axis());
     let (hw, ohw) = (xs.hw_dims(), ys.hw_dims());
     let layout = if fmt.c_is_last() { Layout::PixelMajor } else { Layout::ChannelMajor };
     let (kh, kw) = (ps.kernel_shape[0], ps.kernel_shape[1]);
@@ -574,11 +582,11 @@ fn full_conv(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<O
         pixels: ohw[0] * ohw[1],
         input: Input::Patches(geometry),
         output: layout,
-        out_shape: y,
+        out_shape: y.clone(),
         residual: false,
         clamp: (f32::NEG_INFINITY, f32::INFINITY),
     };
-    Ok(Some(Found::conv(spec, weights, bias)))
+    Ok(Some(Found::conv(spec, weights, bias, channel_axis)))
 }
 
 /// What an f32 2-D convolution node computes with, where [`rewrite`] can
@@ -659,13 +667,14 @@ fn depthwise(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<O
         out: (ohw[0], ohw[1]),
     };
     let Some(bias) = per_channel(&bias, c)? else { return Ok(None) };
-    let out_shape = y;
+    let channel_axis = ys.c_axis();
+    let out_shape = y.clone();
     let shape = out_shape.clone();
     let build: Build = Box::new(move |bias, residual, clamp| {
         let w = weights.try_as_plain_ram()?.as_slice::<f32>()?;
         Ok(Box::new(FusedDepthwise::new(geometry, shape, w, &bias, residual, clamp)?))
     });
-    Ok(Some(Found { co: c, out_shape, bias, build }))
+    Ok(Some(Found { co: c, out_shape, channel_axis, bias, build }))
 }
 
 /// The axes of `einsum` as a 1×1 convolution, if it is one: `(ci, co,
@@ -735,7 +744,7 @@ fn binary(node: &TypedNode, slot: usize, name: &str) -> Option<OutletId> {
 /// The patch that replaces the convolution `node` and what follows it alone:
 /// a bias `Add`, a residual `Add`, `Max` then `Min` with constants.
 fn fuse(model: &TypedModel, node: &TypedNode, found: Found) -> TractResult<TypedModelPatch> {
-    let Found { co, out_shape, mut bias, build } = found;
+    let Found { co, out_shape, channel_axis, mut bias, build } = found;
     let mut clamp = (f32::NEG_INFINITY, f32::INFINITY);
     let mut last = node.id;
     let mut residual = None;
@@ -743,10 +752,13 @@ fn fuse(model: &TypedModel, node: &TypedNode, found: Found) -> TractResult<Typed
     if let Some((succ, slot)) = sole_successor(model, last)? {
         if let Some(other) = binary(succ, slot, "Add") {
             if let Some(b) = konst(model, other)? {
-                // A bias: one value per output channel, broadcast over the rest.
+                // A bias: one value per output channel along the channel
+                // axis (shapes aligned on the right), broadcast over the rest.
                 let shape = b.shape();
-                let per_channel = b.len() == co && shape.iter().filter(|&&d| d != 1).count() <= 1;
-                if per_channel && shape.len() <= out_shape.len() && same_shape(OutletId::new(succ.id, 0))? {
+                let skip = out_shape.len().saturating_sub(shape.len());
+                let along_channels =
+                    shape.iter().enumerate().all(|(a, &d)| d == 1 || (d == co && skip + a == channel_axis));
+                if b.len() == co && shape.len() <= out_shape.len() && along_channels && same_shape(OutletId::new(succ.id, 0))? {
                     for (acc, v) in bias.iter_mut().zip(b.try_as_plain_ram()?.as_slice::<f32>()?) {
                         *acc += v;
                     }
@@ -1132,6 +1144,49 @@ mod tests {
                     check(spec, c * h * w);
                 }
             }
+        }
+    }
+
+    /// A 1×1 convolution `IHW,OI->HWO` of 4 → 8 channels over 8×8 pixels,
+    /// then an `Add` of a constant of `bias_shape`, rewritten: how many
+    /// convolutions were replaced, the ops left, and the largest |Δ| of the
+    /// outputs against the graph as built.
+    fn rewritten_bias(bias_shape: &[usize]) -> (usize, Vec<String>, f32) {
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", f32::fact([4usize, 8, 8])).unwrap();
+        let w = m.add_const("w", Tensor::from_shape(&[8, 4], &values(32, 5)).unwrap()).unwrap();
+        let einsum = EinSum { axes: "IHW,OI->HWO".parse().unwrap(), operating_dt: f32::datum_type(), q_params: None };
+        let y = m.wire_node("conv", einsum, &[x, w]).unwrap()[0];
+        let b = m.add_const("b", Tensor::from_shape(bias_shape, &values(8, 6)).unwrap()).unwrap();
+        let y = m.wire_node("bias", tract_onnx::tract_core::ops::math::add(), &[y, b]).unwrap()[0];
+        m.select_output_outlets(&[y]).unwrap();
+        let input = Tensor::from_shape(&[4, 8, 8], &values(256, 7)).unwrap();
+        let run = |m: &TypedModel| {
+            let out = m.clone().into_runnable().unwrap().run(tvec![input.clone().into_tvalue()]).unwrap();
+            out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+        };
+        let want = run(&m);
+        let n = rewrite(&mut m).unwrap();
+        let got = run(&m);
+        let live = m.eval_order().unwrap().into_iter().map(|id| m.node(id).op.name().to_string()).collect();
+        (n, live, want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max))
+    }
+
+    #[test]
+    fn rewrite_folds_a_bias_along_the_channels_only() {
+        // [1, 1, 8]: along O, the output's last axis: folded in.
+        let (n, ops, worst) = rewritten_bias(&[1, 1, 8]);
+        assert!(worst <= 1e-5, "max |Δ| {worst}");
+        if supported() {
+            assert_eq!((n, ops.iter().filter(|o| o.as_str() == "Add").count()), (1, 0), "{ops:?}");
+        }
+        // [8, 1, 1]: as long as the channels, but along H: left as an Add.
+        let (n, ops, worst) = rewritten_bias(&[8, 1, 1]);
+        assert!(worst <= 1e-5, "max |Δ| {worst}");
+        if supported() {
+            assert_eq!((n, ops.iter().filter(|o| o.as_str() == "Add").count()), (1, 1), "{ops:?}");
+        } else {
+            assert_eq!(n, 0);
         }
     }
 
