@@ -101,7 +101,7 @@ pub fn optimized_model(bundle: &Bundle, compute: Compute) -> Result<TypedModel> 
     let model = match compute {
         Compute::F32 => {
             if !tract_kernels_only() {
-                crate::fused::rewrite(&mut typed).context("cannot fuse the 1×1 convolutions")?;
+                crate::fused::rewrite(&mut typed).context("cannot fuse the convolutions")?;
             }
             typed.into_optimized().context("tract cannot optimise the graph")?
         }

@@ -52,8 +52,8 @@ pub struct Args {
     /// on x86-64. Float bundles and int8-weights bundles only.
     #[arg(long)]
     f16: bool,
-    /// Run tract's own kernels only, without Tern's fused 1×1 convolution
-    /// op: the same bundle measured both ways.
+    /// Run tract's own kernels only, without Tern's fused convolution ops
+    /// (1×1, full and depthwise): the same bundle measured both ways.
     #[arg(long)]
     tract_kernels: bool,
 }
@@ -219,9 +219,9 @@ fn print_text(r: &Report, top: usize) {
         None => outln!("  depthwise layers channel-first (no channel-last depthwise kernel on this machine)"),
     }
     if r.tern_kernels {
-        outln!("  1×1 convolutions on Tern's fused AVX2 + FMA op");
+        outln!("  convolutions on Tern's fused AVX2 + FMA ops (tract's own with --tract-kernels)");
     } else {
-        outln!("  1×1 convolutions on tract's own kernels");
+        outln!("  convolutions on tract's own kernels");
     }
     outln!(
         "  latency over {} runs: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms (min {:.2}, mean {:.2}, max {:.2})",
