@@ -107,7 +107,8 @@ pub struct Dream {
 }
 
 /// Gradient ascent on the input, from noise, towards `class`: minimises
-/// `−log p(class) + tv_weight · TV(image)`, with jitter and optional blur.
+/// `−log p(class) + tv_weight · TV(image)` with Adam (step size decaying
+/// from `lr` to 0 along a cosine), jitter and optional blur.
 pub fn dream(model: &dyn Differentiable, class: usize, o: &DreamOptions) -> Result<Dream> {
     let pre = model.preprocessing();
     if class >= model.labels().len() {
@@ -125,6 +126,12 @@ pub fn dream(model: &dyn Differentiable, class: usize, o: &DreamOptions) -> Resu
     let mut opt = nn::Adam::default().build(&vs, o.lr)?;
     let mut rng = o.seed as u64 ^ 0x5eed;
     for step in 0..o.steps {
+        // Cosine decay of the step size to 0: with a constant one, Adam's
+        // sign-like steps on the L1 total variation keep every pixel moving
+        // by about `lr` once the class is reached, which can leave the image
+        // as noise at the last step (seen on AVX2 libtorch: TV 0.065 at step
+        // 120, 0.343 at 200).
+        opt.set_lr(o.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / o.steps as f64).cos()));
         let (dy, dx) = if o.jitter > 0 {
             rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             let r = (rng >> 33) as i64;
