@@ -416,19 +416,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::values;
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(7);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Plain loops over signed coordinates, in f64.
     fn reference(x: &[f32], w: &[f32], b: &[f32], res: Option<&[f32]>, g: &Geometry, clamp: (f32, f32)) -> Vec<f32> {
