@@ -97,7 +97,7 @@ impl FusedDepthwise {
         ensure!(c > 0 && taps > 0 && g.strides.0 > 0 && g.strides.1 > 0, "depthwise convolution {g:?}");
         ensure!(weights.len() == c * taps, "{} weights for {g:?}", weights.len());
         ensure!(bias.len() == c, "{} biases for {c} channels", bias.len());
-        ensure!(!clamp.0.is_nan() && !clamp.1.is_nan(), "clamp to {clamp:?}");
+        super::check_clamp(clamp)?;
         ensure!(out_shape.iter().product::<usize>() == g.out.0 * g.out.1 * c, "output {out_shape:?} for {g:?}");
         // Every output position must have a tap inside the input, or its
         // output would be the bias alone where the graph's padding says so;
@@ -162,10 +162,7 @@ impl FusedDepthwise {
                         }
                     }
                     let at = (oy * g.out.1 + ox) * g.c + c;
-                    if let Some(r) = residual {
-                        acc += unsafe { *r.add(at) };
-                    }
-                    unsafe { *out.add(at) = acc.max(self.clamp.0).min(self.clamp.1) };
+                    unsafe { *out.add(at) = super::finish(acc, residual, at, self.clamp) };
                 }
             }
         }
@@ -193,15 +190,8 @@ impl EvalOp for FusedDepthwise {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let g = &self.geometry;
-        ensure!(inputs.len() == 1 + self.residual as usize, "{} inputs to {self:?}", inputs.len());
-        let xs = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        let (xs, res) = super::operands(self, &inputs, self.residual, &self.out_shape)?;
         ensure!(xs.len() == g.h * g.w * g.c, "{self:?} given a {:?} input", inputs[0].shape());
-        let res = if self.residual {
-            ensure!(inputs[1].shape() == &*self.out_shape, "{self:?} given a {:?} residual", inputs[1].shape());
-            Some(inputs[1].as_ptr::<f32>()? as usize)
-        } else {
-            None
-        };
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
         let (x, out) = (xs.as_ptr() as usize, output.as_ptr_mut::<f32>()? as usize);
         let work = g.out.0 * g.out.1 * g.c * g.kernel.0 * g.kernel.1;

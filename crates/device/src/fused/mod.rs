@@ -263,7 +263,7 @@ impl FusedConv {
         ensure!(ci > 0 && co > 0, "pointwise convolution of {ci}→{co} channels");
         ensure!(weights.len() == ci * co, "{} weights for {ci}→{co} channels", weights.len());
         ensure!(bias.len() == co, "{} biases for {co} channels", bias.len());
-        ensure!(!clamp.0.is_nan() && !clamp.1.is_nan(), "clamp to {clamp:?}");
+        check_clamp(clamp)?;
         ensure!(out_shape.iter().product::<usize>() == pixels * co, "output {out_shape:?} for {pixels}×{co}");
         let panels = co.div_ceil(NR);
         let mut packed = vec![0f32; panels * ci * NR];
@@ -349,13 +349,43 @@ impl FusedConv {
                     acc = unsafe { *x.add(self.input_offset(p, i)) }.mul_add(w[i * NR], acc);
                 }
                 let at = p * op + o * oc;
-                if let Some(r) = residual {
-                    acc += unsafe { *r.add(at) };
-                }
-                unsafe { *out.add(at) = acc.max(self.clamp.0).min(self.clamp.1) };
+                unsafe { *out.add(at) = finish(acc, residual, at, self.clamp) };
             }
         }
     }
+}
+
+/// Refuses NaN clamp bounds: the ops' equality (`Eq`) and `max`/`min`
+/// chain assume there are none.
+fn check_clamp(clamp: (f32, f32)) -> TractResult<()> {
+    ensure!(!clamp.0.is_nan() && !clamp.1.is_nan(), "clamp to {clamp:?}");
+    Ok(())
+}
+
+/// The data of a fused op's inputs: the first's, and the residual's (the
+/// second input, shaped as the output) when the op adds one.
+fn operands<'a>(op: &dyn std::fmt::Debug, inputs: &'a [TValue], residual: bool, out_shape: &[usize]) -> TractResult<(&'a [f32], Option<usize>)> {
+    ensure!(inputs.len() == 1 + residual as usize, "{} inputs to {op:?}", inputs.len());
+    let x = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
+    let res = if residual {
+        ensure!(inputs[1].shape() == out_shape, "{op:?} given a {:?} residual", inputs[1].shape());
+        Some(inputs[1].as_ptr::<f32>()? as usize)
+    } else {
+        None
+    };
+    Ok((x, res))
+}
+
+/// The end of every output of the portable loops: the residual at `at`,
+/// then the clamp.
+///
+/// # Safety
+/// `residual`, when given, holds a value at `at`.
+unsafe fn finish(mut acc: f32, residual: Option<*const f32>, at: usize, clamp: (f32, f32)) -> f32 {
+    if let Some(r) = residual {
+        acc += unsafe { *r.add(at) };
+    }
+    acc.max(clamp.0).min(clamp.1)
 }
 
 impl Op for FusedConv {
@@ -378,8 +408,7 @@ impl EvalOp for FusedConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(inputs.len() == 1 + self.residual as usize, "{} inputs to {self:?}", inputs.len());
-        let xs = inputs[0].try_as_plain_ram()?.as_slice::<f32>()?;
+        let (xs, res) = operands(self, &inputs, self.residual, &self.out_shape)?;
         let padded;
         let xs = match &self.input {
             Input::Pointwise(_) => {
@@ -391,12 +420,6 @@ impl EvalOp for FusedConv {
                 padded = g.pad_input(xs);
                 &padded[..]
             }
-        };
-        let res = if self.residual {
-            ensure!(inputs[1].shape() == &*self.out_shape, "{self:?} given a {:?} residual", inputs[1].shape());
-            Some(inputs[1].as_ptr::<f32>()? as usize)
-        } else {
-            None
         };
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
         let (x, out) = (xs.as_ptr() as usize, output.as_ptr_mut::<f32>()? as usize);
