@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context, Result};
 use tern_device::actions::{check_labels, parse_rules, GpioOutputs, PinRule};
 use tern_device::engine::Compute;
 use tern_device::events::{JsonLines, Sink};
-use tern_device::mqtt::{parse_qos, MqttSettings, MqttSink, MqttTarget};
+use tern_device::mqtt::{parse_qos, Credentials, MqttSettings, MqttSink, MqttTarget, TlsFiles};
 use tern_device::reload::{Check, Reloader};
 use tern_device::runloop::{self, Backoff, LoopOptions};
 use tern_device::smooth::{Hysteresis, Smoothing};
@@ -75,9 +75,36 @@ pub struct Args {
     /// GPIO chip of the lines.
     #[arg(long, default_value = "/dev/gpiochip0")]
     gpio_chip: String,
-    /// Publish events to MQTT: `mqtt://HOST[:PORT]/tern/<device-id>`.
+    /// Publish events to MQTT: `mqtt://HOST[:PORT]/tern/<device-id>`, or
+    /// `mqtts://HOST[:PORT]/...` for TLS (port 8883 by default). No user
+    /// name or password in the URL.
     #[arg(long, value_name = "URL")]
     mqtt: Option<String>,
+    /// PEM CA certificate(s) the broker's certificate must chain to
+    /// (mqtts://; default: the system's CA certificates).
+    #[arg(long, value_name = "FILE", requires = "mqtt")]
+    mqtt_ca: Option<PathBuf>,
+    /// PEM client certificate, for brokers that ask for one (with --mqtt-key).
+    #[arg(long, value_name = "FILE", requires = "mqtt_key", requires = "mqtt")]
+    mqtt_cert: Option<PathBuf>,
+    /// PEM private key of --mqtt-cert.
+    #[arg(long, value_name = "FILE", requires = "mqtt_cert")]
+    mqtt_key: Option<PathBuf>,
+    /// MQTT user name (default: $TERN_MQTT_USERNAME).
+    #[arg(long, value_name = "NAME", requires = "mqtt")]
+    mqtt_username: Option<String>,
+    /// File whose first line is the MQTT password (default:
+    /// $TERN_MQTT_PASSWORD). Never on the command line.
+    #[arg(long, value_name = "FILE", requires = "mqtt")]
+    mqtt_password_file: Option<PathBuf>,
+    /// MQTT client id (default: tern-<last topic level>-<6 hex digits>,
+    /// unique per process).
+    #[arg(long, value_name = "ID", requires = "mqtt")]
+    mqtt_client_id: Option<String>,
+    /// Largest MQTT packet sent or accepted, bytes; longer events are
+    /// trimmed to fit (e.g. the `started` event's label list).
+    #[arg(long, value_name = "BYTES", default_value_t = tern_device::mqtt::DEFAULT_MAX_PACKET)]
+    mqtt_max_packet: usize,
     /// MQTT QoS of events and state.
     #[arg(long, default_value = "1", value_parser = parse_qos)]
     mqtt_qos: rumqttc::QoS,
@@ -152,8 +179,20 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let mut mqtt = match &a.mqtt {
         Some(url) => {
             let target = MqttTarget::parse(url)?;
-            let settings = MqttSettings { qos: a.mqtt_qos, queue: a.mqtt_queue, ..MqttSettings::default() };
-            Some(MqttSink::start(target, settings)?)
+            let credentials = Credentials::resolve(a.mqtt_username.clone(), a.mqtt_password_file.as_deref(), |k| {
+                std::env::var(k).ok()
+            })?;
+            let settings = MqttSettings {
+                qos: a.mqtt_qos,
+                queue: a.mqtt_queue,
+                client_id: a.mqtt_client_id.clone(),
+                max_packet: a.mqtt_max_packet,
+                tls: TlsFiles { ca: a.mqtt_ca.clone(), cert: a.mqtt_cert.clone(), key: a.mqtt_key.clone() },
+                credentials,
+                log: !a.quiet,
+                ..MqttSettings::default()
+            };
+            Some(MqttSink::start(target, settings).with_context(|| format!("MQTT {url}"))?)
         }
         None => None,
     };
