@@ -2,9 +2,11 @@
 # Installs the system packages the test suite needs beyond the Rust and
 # Python toolchains, from Debian 12 (bookworm) packages:
 #
-#   mosquitto   the MQTT broker that crates/device/tests/mqtt.rs starts on a
-#               loopback port (the tests only run the binary; the packaged
-#               service is not started here)
+#   mosquitto   the MQTT broker that crates/device/tests/mqtt.rs starts on
+#               loopback ports (the tests only run the binary; the packaged
+#               service is not started here), and mosquitto_passwd, which
+#               writes the password file of its TLS tests (their
+#               certificates are made by the tests themselves, with rcgen)
 #
 # Idempotent: when every package is already installed it returns without
 # touching apt. Must run as root (or with sudo available).
@@ -39,4 +41,5 @@ else
   echo "test dependencies already installed"
 fi
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || { echo "error: mosquitto missing after install" >&2; exit 1; }
+command -v mosquitto_passwd >/dev/null || { echo "error: mosquitto_passwd missing after install" >&2; exit 1; }
 echo "mosquitto: $(/usr/sbin/mosquitto -h 2>/dev/null | head -n1 || true)"
