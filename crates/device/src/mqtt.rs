@@ -38,7 +38,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
 use std::fmt;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -336,9 +336,7 @@ pub fn default_client_id(base: &str) -> String {
         .take(11)
         .collect();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let mut h = RandomState::new().build_hasher();
-    (host.trim(), base, std::process::id()).hash(&mut h);
-    let suffix = h.finish() & 0xff_ffff;
+    let suffix = RandomState::new().hash_one((host.trim(), base, std::process::id())) & 0xff_ffff;
     if level.is_empty() {
         format!("tern-{suffix:06x}")
     } else {
