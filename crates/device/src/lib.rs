@@ -22,4 +22,4 @@ pub mod npy;
 pub mod perf;
 pub mod fused;
 
-pub use engine::{Classifier, Output, Ranked};
+pub use engine::{Classifier, Kernels, LoadOptions, Output, Ranked};

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use tern_model_format::Manifest;
 
-use crate::engine::{Classifier, Compute};
+use crate::engine::{Classifier, LoadOptions};
 
 /// Extra checks a new bundle must pass (e.g. that the GPIO labels exist).
 pub type Check = Box<dyn Fn(&Manifest) -> Result<()> + Send>;
@@ -66,14 +66,9 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Starts watching `path`, checking every `interval`. The file as it
-    /// is now counts as already loaded.
-    pub fn spawn(path: &Path, interval: Duration, check: Check) -> Result<Reloader> {
-        Reloader::spawn_with(path, interval, Compute::F32, check)
-    }
-
-    /// [`Reloader::spawn`], loading new bundles to compute in `compute`.
-    pub fn spawn_with(path: &Path, interval: Duration, compute: Compute, check: Check) -> Result<Reloader> {
+    /// Starts watching `path`, checking every `interval`; new bundles are
+    /// loaded with `options`. The file as it is now counts as already loaded.
+    pub fn spawn(path: &Path, interval: Duration, options: LoadOptions, check: Check) -> Result<Reloader> {
         let (tx, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let mut seen = stamp(path);
@@ -90,7 +85,7 @@ impl Reloader {
                         continue;
                     }
                     seen = now;
-                    let result = match load_checked(&p, compute, &check) {
+                    let result = match load_checked(&p, &options, &check) {
                         Ok((classifier, detail)) => Reloaded::Ready { classifier: Box::new(classifier), detail },
                         Err(e) => Reloaded::Refused { detail: format!("{e:#}") },
                     };
@@ -126,11 +121,11 @@ impl Drop for Reloader {
     }
 }
 
-/// Loads `path` to compute in `compute` and runs every check: the bundle's
-/// own (manifest, checksum, graph shapes), a trial inference on a blank
-/// input, then `check`.
-pub fn load_checked(path: &Path, compute: Compute, check: &Check) -> Result<(Classifier, String)> {
-    let mut c = Classifier::load_with(path, compute)?;
+/// Loads `path` with `options` and runs every check: the bundle's own
+/// (manifest, checksum, graph shapes), a trial inference on a blank input,
+/// then `check`.
+pub fn load_checked(path: &Path, options: &LoadOptions, check: &Check) -> Result<(Classifier, String)> {
+    let mut c = Classifier::load(path, options)?;
     let n: usize = c.manifest().preprocessing.input_shape().iter().product();
     let out = c.run(&vec![0.0; n]).with_context(|| format!("{}: trial inference failed", path.display()))?;
     if out.probabilities.iter().any(|p| !p.is_finite()) {

@@ -17,9 +17,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use tern_model_format::preprocess::preprocess_rgb8;
 
-use crate::engine::{label_probabilities, Classifier};
+use crate::engine::Classifier;
 use crate::events::{now_ms, Event, Sink};
 use crate::reload::{sleep_unless, Reloaded, Reloader};
 use crate::smooth::{argmax, Gate, Hysteresis, Smoother, Smoothing};
@@ -80,6 +79,43 @@ impl Default for LoopOptions {
     }
 }
 
+/// Why a loop stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StopReason {
+    /// The caller's stop flag was set (SIGINT, SIGTERM).
+    #[default]
+    Stopped,
+    /// `max_frames` frames were processed.
+    FrameLimit,
+    /// A finite source has no more frames.
+    SourceEnded,
+    /// The source was lost and every allowed reopen attempt failed.
+    SourceGaveUp {
+        /// Failed reopen attempts.
+        attempts: u32,
+    },
+}
+
+impl StopReason {
+    /// Whether the loop stopped on a failure rather than by design.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, StopReason::SourceGaveUp { .. })
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Stopped => f.write_str("stopped"),
+            StopReason::FrameLimit => f.write_str("frame limit reached"),
+            StopReason::SourceEnded => f.write_str("the source ended"),
+            StopReason::SourceGaveUp { attempts } => {
+                write!(f, "the source was lost and {attempts} reopen attempts failed")
+            }
+        }
+    }
+}
+
 /// What a finished loop did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
@@ -102,7 +138,7 @@ pub struct Summary {
     /// Label events emitted.
     pub label_events: u64,
     /// Why the loop stopped.
-    pub reason: String,
+    pub reason: StopReason,
 }
 
 #[derive(Default)]
@@ -110,7 +146,7 @@ struct Shared {
     frames: VecDeque<Frame>,
     notes: Vec<Event>,
     /// Set when the capture thread has finished, with the reason.
-    done: Option<String>,
+    done: Option<StopReason>,
     captured: u64,
     dropped: u64,
     bad_frames: u64,
@@ -199,7 +235,7 @@ where
     let mut last_report = Instant::now();
     let reason = loop {
         if stop.load(Ordering::Relaxed) {
-            break "stopped".to_owned();
+            break StopReason::Stopped;
         }
         let (frame, notes, done) = {
             let mut s = slot.lock();
@@ -235,7 +271,7 @@ where
             }
         }
         if opts.max_frames.is_some_and(|m| l.summary.frames >= m) {
-            break "frame limit reached".to_owned();
+            break StopReason::FrameLimit;
         }
         if let Some(d) = done {
             break d;
@@ -253,8 +289,13 @@ where
     l.summary.bad_frames = s.bad_frames;
     l.summary.reopens = s.reopens;
     drop(s);
-    l.summary.reason = reason.clone();
-    let stopped = Event::Stopped { ts_ms: now_ms(), frames: l.summary.frames, dropped: l.summary.dropped, reason };
+    l.summary.reason = reason;
+    let stopped = Event::Stopped {
+        ts_ms: now_ms(),
+        frames: l.summary.frames,
+        dropped: l.summary.dropped,
+        reason: reason.to_string(),
+    };
     l.emit(sinks, stopped);
     for sink in sinks.iter_mut() {
         if let Err(e) = sink.finish() {
@@ -287,9 +328,7 @@ impl Looper<'_> {
 
     fn frame(&mut self, sinks: &mut [&mut dyn Sink], clf: &mut Classifier, frame: Frame) {
         let t0 = Instant::now();
-        let pre = clf.manifest().preprocessing;
-        let input = preprocess_rgb8(&frame.image, &pre);
-        let out = match clf.run(&input) {
+        let out = match clf.classify_rgb8(&frame.image) {
             Ok(o) => o,
             Err(e) => {
                 self.summary.failed_frames += 1;
@@ -302,7 +341,7 @@ impl Looper<'_> {
         self.summary.frames += 1;
         self.period.add(latency, age);
         let labels = &clf.manifest().labels;
-        let probs = label_probabilities(clf.manifest(), &out);
+        let probs = clf.label_probabilities(&out);
         let smoothed = self.smoother.update(&probs);
         let d = self.gate.update(&smoothed);
         for s in sinks.iter_mut() {
@@ -454,7 +493,7 @@ fn capture_thread<F>(
         }
     };
     let source_event = |state: &str, detail: String| Event::Source { ts_ms: now_ms(), state: state.into(), detail };
-    let finish = |reason: String| {
+    let finish = |reason: StopReason| {
         slot.lock().done = Some(reason);
         slot.ready.notify_all();
     };
@@ -477,7 +516,7 @@ fn capture_thread<F>(
             }
             Ok(None) => {
                 slot.note(source_event("ended", format!("{} has no more frames", src.describe())));
-                finish("the source ended".into());
+                finish(StopReason::SourceEnded);
                 return;
             }
             Err(SourceError::BadFrame(e)) => {
@@ -512,7 +551,7 @@ fn capture_thread<F>(
                                     "gave-up",
                                     format!("{}: {e:#}; {failures} reopen attempts failed", src.describe()),
                                 ));
-                                finish(format!("the source was lost and {failures} reopen attempts failed"));
+                                finish(StopReason::SourceGaveUp { attempts: failures });
                                 return;
                             }
                             delay = (delay * 2).min(backoff.max);

@@ -15,10 +15,10 @@ use support::*;
 use tern_device::actions::{check_labels, parse_rules};
 use tern_device::events::{Event, Sink};
 use tern_device::reload::{Check, Reloader};
-use tern_device::runloop::{self, LoopOptions};
+use tern_device::runloop::{self, LoopOptions, StopReason};
 use tern_device::smooth::Smoothing;
 use tern_device::source::{FrameSource, Synthetic};
-use tern_device::Classifier;
+use tern_device::{Classifier, LoadOptions};
 
 /// Replaces the bundle step by step as the loop reports back, and stops the
 /// loop once the last step is seen.
@@ -108,8 +108,8 @@ fn bad_bundles_are_refused_and_a_good_one_is_swapped_in_without_stopping() {
             check_labels(&rules[..1], &m.labels)
         }
     });
-    let reloader = Reloader::spawn(&bundle, Duration::from_millis(30), check).unwrap();
-    let clf = Classifier::load(&bundle).unwrap();
+    let reloader = Reloader::spawn(&bundle, Duration::from_millis(30), LoadOptions::default(), check).unwrap();
+    let clf = Classifier::load(&bundle, &LoadOptions::default()).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let mut script = Script {
         bundle: bundle.clone(),
@@ -153,7 +153,7 @@ fn bad_bundles_are_refused_and_a_good_one_is_swapped_in_without_stopping() {
     assert_eq!(script.labels_at_reload[..3], [1, 1, 1]);
     assert_eq!(script.labels, vec![Some("red".into()), Some("rouge".into())]);
     assert_eq!((summary.reloads, summary.refused_reloads), (1, 3));
-    assert_eq!(summary.reason, "stopped");
+    assert_eq!(summary.reason, StopReason::Stopped);
     assert_eq!(summary.failed_frames, 0);
 }
 
@@ -162,7 +162,7 @@ fn the_reloader_ignores_an_unchanged_file_and_a_missing_one() {
     let dir = tempfile::tempdir().unwrap();
     let bundle = dir.path().join("b.onnx");
     color_bundle(&bundle, COLORS, 10.0);
-    let r = Reloader::spawn(&bundle, Duration::from_millis(10), Box::new(|_: &tern_model_format::Manifest| Ok(())))
+    let r = Reloader::spawn(&bundle, Duration::from_millis(10), LoadOptions::default(), Box::new(|_: &tern_model_format::Manifest| Ok(())))
         .unwrap();
     std::thread::sleep(Duration::from_millis(100));
     assert!(r.try_take().is_none(), "nothing changed");

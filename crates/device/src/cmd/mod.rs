@@ -31,3 +31,32 @@ pub mod classify;
 pub mod eval;
 pub mod info;
 pub mod run;
+
+/// How a subcommand loads its bundle: the options every one of them shares.
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// Compute in half floats (tract's f32_to_f16 transform): for ARM cores
+    /// with FP16 arithmetic (Raspberry Pi 5, Jetson Orin); emulated and slow
+    /// on x86-64. Float bundles and int8-weights bundles only.
+    #[arg(long)]
+    f16: bool,
+    /// Threads for the plan's kernels (1: the calling thread only).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: u16,
+    /// Run tract's own kernels only, without Tern's fused convolution ops
+    /// (1×1, full and depthwise): to measure one against the other.
+    #[arg(long)]
+    tract_kernels: bool,
+}
+
+impl EngineArgs {
+    /// The engine's load options.
+    pub fn options(&self) -> tern_device::engine::LoadOptions {
+        use tern_device::engine::{Compute, Kernels, LoadOptions};
+        LoadOptions {
+            compute: if self.f16 { Compute::F16 } else { Compute::F32 },
+            kernels: if self.tract_kernels { Kernels::Tract } else { Kernels::Tern },
+            threads: usize::from(self.threads),
+        }
+    }
+}
