@@ -108,8 +108,8 @@ pub enum LayerKind {
 }
 
 impl LayerKind {
-    /// The kind's name in reports (`scripts/bench-compare.sh` and
-    /// `tests/python/ort_bench.py` use the same names).
+    /// The kind's name in reports (`bench/compare.sh` and
+    /// `bench/ort_bench.py` use the same names).
     pub fn name(self) -> &'static str {
         match self {
             LayerKind::Pointwise => "pointwise 1x1",

@@ -2,7 +2,7 @@
 //! peak memory and model size of one bundle; optionally the per-operator
 //! profile and the cost of preprocessing a 640×480 camera frame.
 //!
-//! `scripts/bench-compare.sh` runs this next to onnxruntime on the same
+//! `bench/compare.sh` runs this next to onnxruntime on the same
 //! files and the same input (`--dump-input`).
 
 use std::path::PathBuf;
