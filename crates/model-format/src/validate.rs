@@ -319,12 +319,12 @@ impl<'m> Checker<'m> {
         };
         let bytes = v.numel().and_then(|n| n.checked_mul(v.elem.size())).unwrap_or(u64::MAX);
         if bytes > budget {
-            return Err(over(format!("{what}: `{name}` {:?} {:?} needs", v.elem, v.shape), bytes));
+            return Err(over(format!("{what}: `{name}` {:?} {:?}", v.elem, v.shape), bytes));
         }
         self.bytes = self.bytes.saturating_add(bytes);
         if self.bytes > budget {
             let at = node.map_or_else(|| what.to_owned(), |(n, op)| format!("graph node `{n}` ({op})"));
-            return Err(over(format!("the graph's values up to {at} need"), self.bytes));
+            return Err(over(format!("the graph's values up to {at}"), self.bytes));
         }
         if name.is_empty() || self.values.insert(name.to_owned(), v).is_some() {
             let detail = format!("defines `{name}`, which is empty or already defined");
