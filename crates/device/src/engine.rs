@@ -1,12 +1,22 @@
 //! The inference engine: a bundle loaded once into a tract plan.
+//!
+//! Before tract reads a graph, [`tern_model_format::validate::check`] checks
+//! it (operators, attributes, initializer sizes, a memory budget): tract
+//! trusts its input and panics or allocates without bound on crafted
+//! graphs. What still goes wrong inside tract is contained: a panic while
+//! loading or running becomes an error here, and a plan that panicked in
+//! the middle of an inference is replaced by a fresh one before the next.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use image::{DynamicImage, RgbImage};
 use tern_model_format::manifest::{Manifest, OutputKind};
 use tern_model_format::preprocess::{preprocess, preprocess_rgb8};
+use tern_model_format::validate::{self, Limits};
 use tern_model_format::Bundle;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::konst::Const;
@@ -108,11 +118,19 @@ pub struct LoadOptions {
     /// Threads for the plan's kernels: 1 runs on the caller's thread, more
     /// on a pool of that many, owned by the [`Classifier`].
     pub threads: usize,
+    /// Most bytes the graph's values may need, as estimated by
+    /// [`tern_model_format::validate`] before tract sees the graph.
+    pub memory_budget: u64,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { compute: Compute::F32, kernels: Kernels::Tern, threads: 1 }
+        LoadOptions {
+            compute: Compute::F32,
+            kernels: Kernels::Tern,
+            threads: 1,
+            memory_budget: validate::DEFAULT_MEMORY_BUDGET,
+        }
     }
 }
 
@@ -130,6 +148,11 @@ impl LoadOptions {
     /// These options with `threads` threads.
     pub fn threads(self, threads: usize) -> LoadOptions {
         LoadOptions { threads, ..self }
+    }
+
+    /// These options with a memory budget of `bytes`.
+    pub fn memory_budget(self, bytes: u64) -> LoadOptions {
+        LoadOptions { memory_budget: bytes, ..self }
     }
 
     /// tract's executor for [`LoadOptions::threads`]; a plan runs on it
@@ -151,13 +174,36 @@ impl LoadOptions {
 /// Reads a bundle's graph into an optimised tract model computing in
 /// `options.compute` with `options.kernels`, with the manifest's input shape
 /// and its two outputs (logits, probabilities). The model's input and
-/// outputs are of the compute type.
+/// outputs are of the compute type. The graph is checked first
+/// ([`tern_model_format::validate`], within `options.memory_budget`), and a
+/// panic inside tract is an error.
 pub fn optimized_model(bundle: &Bundle, options: &LoadOptions) -> Result<TypedModel> {
     Ok(optimize(bundle, options)?.0)
 }
 
+/// The message of a caught panic.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// Runs `f`, turning a panic into an error that says `what` panicked.
+fn contained<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| bail!("{what} panicked: {}", panic_message(p.as_ref())))
+}
+
 /// [`optimized_model`], and how many of Tern's fused ops it holds.
 fn optimize(bundle: &Bundle, options: &LoadOptions) -> Result<(TypedModel, usize)> {
+    let limits = Limits { memory_budget: options.memory_budget, ..Limits::default() };
+    validate::check(bundle, &limits).context("the graph fails the device's checks")?;
+    contained("tract, building the plan,", || optimize_checked(bundle, options))
+}
+
+/// [`optimize`] for a graph that passed the checks.
+fn optimize_checked(bundle: &Bundle, options: &LoadOptions) -> Result<(TypedModel, usize)> {
     let compute = options.compute;
     let mut fused = 0;
     // Before declutter: it moves depthwise layers channel-last only where
@@ -261,7 +307,10 @@ pub struct Classifier {
     options: LoadOptions,
     executor: Executor,
     fused: usize,
-    plan: TypedSimpleState,
+    plan: Arc<TypedSimplePlan>,
+    /// The plan's state; `None` once an inference panicked and no fresh
+    /// state could be made.
+    state: Option<TypedSimpleState>,
 }
 
 impl Classifier {
@@ -278,8 +327,12 @@ impl Classifier {
     pub fn from_bundle(bundle: Bundle, options: &LoadOptions) -> Result<Classifier> {
         let executor = options.executor()?;
         let (model, fused) = optimize(&bundle, options)?;
-        let plan = model.into_runnable()?.spawn()?;
-        Ok(Classifier { manifest: bundle.manifest, options: *options, executor, fused, plan })
+        let (plan, state) = contained("tract, making the plan runnable,", || {
+            let plan = model.into_runnable()?;
+            let state = TypedSimpleState::new(&plan)?;
+            Ok((plan, state))
+        })?;
+        Ok(Classifier { manifest: bundle.manifest, options: *options, executor, fused, plan, state: Some(state) })
     }
 
     /// How the bundle was loaded.
@@ -332,8 +385,20 @@ impl Classifier {
         if self.options.compute != Compute::F32 {
             tensor = tensor.cast_to_dt(self.options.compute.datum_type())?.into_owned();
         }
-        let (plan, executor) = (&mut self.plan, self.executor.clone());
-        let out = multithread_tract_scope(executor, || plan.run(tvec!(tensor.into())))?;
+        let Some(state) = self.state.as_mut() else {
+            bail!("this plan panicked in an earlier inference and could not be restarted; load the bundle again");
+        };
+        let executor = self.executor.clone();
+        let out = catch_unwind(AssertUnwindSafe(|| multithread_tract_scope(executor, || state.run(tvec!(tensor.into())))));
+        let out = match out {
+            Ok(r) => r?,
+            Err(p) => {
+                // The state may hold half-written buffers: never reuse it.
+                let plan = &self.plan;
+                self.state = catch_unwind(AssertUnwindSafe(|| TypedSimpleState::new(plan).ok())).ok().flatten();
+                bail!("tract panicked during the inference: {}", panic_message(p.as_ref()));
+            }
+        };
         let vec = |i: usize| -> Result<Vec<f32>> {
             let t = out.get(i).context("missing output")?.cast_to::<f32>()?;
             Ok(t.to_plain_array_view::<f32>()?.iter().copied().collect())

@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", tern_device::events::escape_for_terminal(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

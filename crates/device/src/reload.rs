@@ -2,7 +2,8 @@
 //! replaced (typically by an atomic rename), the new bundle is loaded,
 //! verified (checksum, shapes, a trial inference, the caller's checks) and
 //! handed to the loop, which swaps it in between two frames. A bundle that
-//! fails any check is refused and the running one stays.
+//! fails any check, or whose loading panics, is refused and the running one
+//! stays; the thread goes on watching.
 //!
 //! The file is polled (one `stat` per interval) rather than watched with
 //! inotify: an atomic rename replaces the inode, which a poll of (inode,
@@ -85,9 +86,19 @@ impl Reloader {
                         continue;
                     }
                     seen = now;
-                    let result = match load_checked(&p, &options, &check) {
-                        Ok((classifier, detail)) => Reloaded::Ready { classifier: Box::new(classifier), detail },
-                        Err(e) => Reloaded::Refused { detail: format!("{e:#}") },
+                    // A panic anywhere in one attempt refuses that bundle;
+                    // the thread goes on watching for the next.
+                    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_checked(&p, &options, &check)));
+                    let result = match attempt {
+                        Ok(Ok((classifier, detail))) => Reloaded::Ready { classifier: Box::new(classifier), detail },
+                        Ok(Err(e)) => Reloaded::Refused { detail: format!("{e:#}") },
+                        Err(panic) => Reloaded::Refused {
+                            detail: format!(
+                                "{}: loading it panicked: {}",
+                                p.display(),
+                                crate::engine::panic_message(panic.as_ref())
+                            ),
+                        },
                     };
                     if tx.send(result).is_err() {
                         return;

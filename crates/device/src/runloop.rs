@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 
 use crate::engine::Classifier;
-use crate::events::{now_ms, Event, Sink};
+use crate::events::{escape_for_terminal, now_ms, Event, Sink};
 use crate::reload::{sleep_unless, Reloaded, Reloader};
 use crate::smooth::{argmax, Gate, Hysteresis, Smoother, Smoothing};
 use crate::source::{Frame, FrameSource, SourceError};
@@ -62,6 +62,9 @@ pub struct LoopOptions {
     /// Also write a human-readable line to stderr for source, reload and
     /// stats events.
     pub log: bool,
+    /// An inference (preprocessing + plan) slower than this is reported
+    /// by a `slow-frame` event and counted (`None`: no watchdog).
+    pub slow: Option<Duration>,
 }
 
 impl Default for LoopOptions {
@@ -75,6 +78,7 @@ impl Default for LoopOptions {
             frame_events: false,
             reopen: Backoff::default(),
             log: false,
+            slow: None,
         }
     }
 }
@@ -135,6 +139,8 @@ pub struct Summary {
     pub refused_reloads: u64,
     /// Frames whose inference failed.
     pub failed_frames: u64,
+    /// Frames whose inference took longer than [`LoopOptions::slow`].
+    pub slow_frames: u64,
     /// Label events emitted.
     pub label_events: u64,
     /// Why the loop stopped.
@@ -332,7 +338,8 @@ impl Looper<'_> {
             Ok(o) => o,
             Err(e) => {
                 self.summary.failed_frames += 1;
-                eprintln!("tern-device: warning: frame {}: inference failed: {e:#}", frame.index);
+                let e = format!("{e:#}");
+                eprintln!("tern-device: warning: frame {}: inference failed: {}", frame.index, escape_for_terminal(&e));
                 return;
             }
         };
@@ -340,6 +347,13 @@ impl Looper<'_> {
         let age = frame.captured.elapsed();
         self.summary.frames += 1;
         self.period.add(latency, age);
+        if let Some(limit) = self.opts.slow.filter(|l| latency > *l) {
+            self.summary.slow_frames += 1;
+            self.period.slow += 1;
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let e = Event::SlowFrame { ts_ms: now_ms(), frame: frame.index, latency_ms: ms(latency), limit_ms: ms(limit) };
+            self.emit(sinks, e);
+        }
         let labels = &clf.manifest().labels;
         let probs = clf.label_probabilities(&out);
         let smoothed = self.smoother.update(&probs);
@@ -410,20 +424,25 @@ impl Looper<'_> {
     }
 }
 
+/// The human-readable line of an event, for stderr; file names, labels and
+/// details are escaped ([`escape_for_terminal`]).
 fn log_line(e: &Event) {
-    match e {
-        Event::Source { state, detail, .. } => eprintln!("tern-device: source {state}: {detail}"),
-        Event::Reload { ok, detail, .. } => {
-            eprintln!("tern-device: reload {}: {detail}", if *ok { "done" } else { "refused" })
-        }
-        Event::Stats { fps, latency_ms_mean, latency_ms_max, dropped, frames, .. } => eprintln!(
-            "tern-device: {fps:.1} fps, latency {latency_ms_mean:.1} ms mean / {latency_ms_max:.1} ms max, \
-             {frames} frames, {dropped} dropped"
+    let line = match e {
+        Event::Source { state, detail, .. } => format!("source {state}: {detail}"),
+        Event::Reload { ok, detail, .. } => format!("reload {}: {detail}", if *ok { "done" } else { "refused" }),
+        Event::Stats { fps, latency_ms_mean, latency_ms_max, dropped, frames, slow, .. } => format!(
+            "{fps:.1} fps, latency {latency_ms_mean:.1} ms mean / {latency_ms_max:.1} ms max, \
+             {frames} frames, {dropped} dropped{}",
+            if *slow > 0 { format!(", {slow} slow") } else { String::new() }
         ),
-        Event::Started { source, bundle, .. } => eprintln!("tern-device: running {bundle} on {source}"),
-        Event::Stopped { reason, frames, .. } => eprintln!("tern-device: stopped after {frames} frames: {reason}"),
-        Event::Label { .. } | Event::Frame { .. } => {}
-    }
+        Event::SlowFrame { frame, latency_ms, limit_ms, .. } => {
+            format!("warning: frame {frame}: inference took {latency_ms:.1} ms, more than {limit_ms:.1} ms")
+        }
+        Event::Started { source, bundle, .. } => format!("running {bundle} on {source}"),
+        Event::Stopped { reason, frames, .. } => format!("stopped after {frames} frames: {reason}"),
+        Event::Label { .. } | Event::Frame { .. } => return,
+    };
+    eprintln!("tern-device: {}", escape_for_terminal(&line));
 }
 
 /// Latency figures of one report period.
@@ -432,6 +451,7 @@ struct Period {
     latency_sum: Duration,
     latency_max: Duration,
     age_sum: Duration,
+    slow: u64,
     captured_before: u64,
     dropped_before: u64,
 }
@@ -443,6 +463,7 @@ impl Period {
             latency_sum: Duration::ZERO,
             latency_max: Duration::ZERO,
             age_sum: Duration::ZERO,
+            slow: 0,
             captured_before: 0,
             dropped_before: 0,
         }
@@ -467,6 +488,7 @@ impl Period {
             latency_ms_mean: ms(self.latency_sum) / n,
             latency_ms_max: ms(self.latency_max),
             age_ms_mean: ms(self.age_sum) / n,
+            slow: self.slow,
         };
         *self = Period { captured_before: captured, dropped_before: dropped, ..Period::new() };
         e

@@ -180,3 +180,60 @@ fn the_reloader_ignores_an_unchanged_file_and_a_missing_one() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn a_crafted_and_a_panicking_bundle_are_refused_and_the_next_good_one_is_loaded() {
+    use tern_device::reload::Reloaded;
+    use tern_model_format::manifest::ResizeMode;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("live.onnx");
+    color_bundle(&bundle, COLORS, 10.0);
+    // A check that panics on one bundle's labels: a panic inside the
+    // reload attempt, as a tract panic would be.
+    let check: Check = Box::new(|m: &tern_model_format::Manifest| {
+        if m.labels[0] == "boom" {
+            panic!("a check that panics");
+        }
+        Ok(())
+    });
+    let r = Reloader::spawn(&bundle, Duration::from_millis(10), LoadOptions::default(), check).unwrap();
+    let next = |what: &str| -> Reloaded {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(r) = r.try_take() {
+                return r;
+            }
+            assert!(Instant::now() < deadline, "no reload attempt after writing {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let write = |name: &str, f: &dyn Fn(&Path)| {
+        let tmp = dir.path().join(name);
+        f(&tmp);
+        std::fs::rename(&tmp, &bundle).unwrap();
+    };
+    // A convolution with strides of 0, which made tract panic at load.
+    write("zero-strides.onnx", &|p| {
+        let k = tensor("k", &[3, 3, 1, 1], &[0.5; 9]);
+        let w = tensor("w", &[3, 3], &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]);
+        let nodes = vec![
+            node("Conv", &["input", "k"], "x", vec![attr_ints("strides", &[0, 0])]),
+            node("GlobalAveragePool", &["x"], "pooled", vec![]),
+        ];
+        graph_bundle(p, COLORS, ResizeMode::Stretch, nodes, vec![k, w]).unwrap();
+    });
+    match next("the zero-stride bundle") {
+        Reloaded::Refused { detail } => assert!(detail.contains("graph node `x` (Conv)") && detail.contains("strides [0, 0]"), "{detail}"),
+        Reloaded::Ready { .. } => panic!("a zero-stride bundle was loaded"),
+    }
+    write("boom.onnx", &|p| color_bundle(p, ["boom", "b", "c"], 10.0));
+    match next("the panicking bundle") {
+        Reloaded::Refused { detail } => assert!(detail.contains("panicked: a check that panics"), "{detail}"),
+        Reloaded::Ready { .. } => panic!("the panicking bundle was loaded"),
+    }
+    write("good.onnx", &|p| color_bundle(p, ["rouge", "vert", "bleu"], 10.0));
+    match next("the good bundle") {
+        Reloaded::Ready { classifier, .. } => assert_eq!(classifier.manifest().labels, ["rouge", "vert", "bleu"]),
+        Reloaded::Refused { detail } => panic!("the good bundle was refused: {detail}"),
+    }
+}

@@ -30,6 +30,7 @@ fn opts(smoothing: Smoothing) -> LoopOptions {
         frame_events: true,
         reopen: Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(40), attempts: Some(10) },
         log: false,
+        slow: None,
     }
 }
 
@@ -371,4 +372,29 @@ fn camera_and_gpio_say_when_they_are_not_compiled_in() {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("without GPIO support"));
     }
+}
+
+#[test]
+fn the_watchdog_reports_and_counts_slow_inferences() {
+    let mut events = Collect::default();
+    // Every inference takes longer than a nanosecond; none takes an hour.
+    let fast = LoopOptions { slow: Some(Duration::from_secs(3600)), ..opts(Smoothing::None) };
+    let s = run_synthetic("red*3", &fast, &mut [&mut events]);
+    assert_eq!((s.frames, s.slow_frames), (3, 0));
+    let slow = LoopOptions { slow: Some(Duration::from_nanos(1)), report_every: Some(Duration::ZERO), ..opts(Smoothing::None) };
+    let mut events = Collect::default();
+    let s = run_synthetic("red*3", &slow, &mut [&mut events]);
+    assert_eq!((s.frames, s.slow_frames), (3, 3));
+    let flagged: Vec<u64> = events
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SlowFrame { frame, latency_ms, limit_ms, .. } if latency_ms > limit_ms => Some(*frame),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(flagged, [0, 1, 2]);
+    let counted: u64 = events.events.iter().map(|e| if let Event::Stats { slow, .. } = e { *slow } else { 0 }).sum();
+    assert_eq!(counted, 3);
+    assert!(Event::SlowFrame { ts_ms: 0, frame: 0, latency_ms: 2.0, limit_ms: 1.0 }.to_json().contains("\"event\":\"slow-frame\""));
 }

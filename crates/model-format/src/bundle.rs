@@ -42,13 +42,10 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// Reads and validates the bundle at `path`.
+    /// Reads and validates the bundle at `path`, a regular file of at most
+    /// [`MAX_BUNDLE_BYTES`].
     pub fn read(path: &Path) -> Result<Bundle, FormatError> {
-        let len = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?.len();
-        if len > MAX_BUNDLE_BYTES {
-            return Err(FormatError::TooLarge { what: "bundle".into(), size: len, limit: MAX_BUNDLE_BYTES });
-        }
-        let bytes = std::fs::read(path).map_err(|e| FormatError::io(path, e))?;
+        let bytes = crate::files::read_regular(path, MAX_BUNDLE_BYTES, "bundle")?;
         Bundle::from_bytes(bytes)
     }
 
@@ -186,12 +183,12 @@ pub fn write(path: &Path, graph: onnx::GraphProto, manifest: Manifest) -> Result
 }
 
 /// A top-level protobuf field.
-struct Field<'a> {
-    number: u32,
-    payload: Payload<'a>,
+pub(crate) struct Field<'a> {
+    pub(crate) number: u32,
+    pub(crate) payload: Payload<'a>,
 }
 
-enum Payload<'a> {
+pub(crate) enum Payload<'a> {
     Varint,
     Fixed,
     Bytes(&'a [u8]),
@@ -200,14 +197,14 @@ enum Payload<'a> {
 /// Iterates over the fields of one protobuf message without decoding
 /// nested messages. Stops with an error at the first field that runs past
 /// the end of the buffer (a truncated file).
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     buf: &'a [u8],
     pos: usize,
     failed: bool,
 }
 
 impl<'a> Fields<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
         Fields { buf, pos: 0, failed: false }
     }
 

@@ -100,6 +100,31 @@ pub enum FormatError {
         /// The name given.
         name: String,
     },
+    /// A graph node breaks a rule checked before a runtime sees the graph
+    /// (see [`crate::validate`]).
+    #[error("graph node `{node}` ({op}): {detail}")]
+    BadNode {
+        /// The node's name (or its first output, or its position).
+        node: String,
+        /// Its operator.
+        op: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The graph, or one node of it, exceeds a limit of [`crate::validate`].
+    #[error("{what}: {found} {unit}, more than the limit of {limit} {unit}{hint}")]
+    OverLimit {
+        /// What exceeds the limit, naming the node where there is one.
+        what: String,
+        /// How much it needs.
+        found: u64,
+        /// The limit.
+        limit: u64,
+        /// `nodes`, `bytes`, ...
+        unit: &'static str,
+        /// How to raise the limit, if it can be raised (starts with `; `).
+        hint: &'static str,
+    },
     /// An image could not be decoded.
     #[error("cannot decode image: {detail}")]
     Image {

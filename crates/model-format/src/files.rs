@@ -1,12 +1,69 @@
-//! The leaf every other module writes and hashes through: sha256 in hex,
-//! and atomic writes (temp file + fsync + rename). It depends on nothing
-//! else in the crate but its error type.
+//! The leaf every other module reads, writes and hashes through: bounded
+//! reads of regular files, sha256 in hex, and atomic writes (temp file +
+//! fsync + rename). It depends on nothing else in the crate but its error
+//! type.
 
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
 use crate::error::FormatError;
+
+/// Reads the regular file at `path`, refusing anything larger than `limit`
+/// bytes. FIFOs, sockets and devices (`/dev/zero`) are refused before they
+/// are opened, so a FIFO without a writer cannot block the caller; the read
+/// itself stops at `limit + 1` bytes whatever the file's metadata claims.
+/// `what` names the file in errors (`bundle`, `image`).
+pub fn read_regular(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, FormatError> {
+    use std::io::Read;
+    let not_regular = |kind: &str| FormatError::Invalid {
+        what: format!("{what} {}", path.display()),
+        detail: format!("{kind}, not a regular file"),
+    };
+    let meta = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(file_kind(&meta)));
+    }
+    let too_large = |size: u64| FormatError::TooLarge { what: format!("{what} {}", path.display()), size, limit };
+    if meta.len() > limit {
+        return Err(too_large(meta.len()));
+    }
+    let file = std::fs::File::open(path).map_err(|e| FormatError::io(path, e))?;
+    // The path may have been replaced between the two looks.
+    let meta = file.metadata().map_err(|e| FormatError::io(path, e))?;
+    if !meta.is_file() {
+        return Err(not_regular(file_kind(&meta)));
+    }
+    let mut bytes = Vec::with_capacity(meta.len().min(limit) as usize);
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| FormatError::io(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// What kind of file `meta` describes, in words.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "a device";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if meta.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
 
 /// sha256 of `bytes`, lower-case hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -51,6 +108,27 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn only_regular_files_are_read_and_never_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_regular(Path::new("/dev/zero"), 1 << 20, "image").unwrap_err().to_string();
+        assert!(err.contains("/dev/zero") && err.contains("a device, not a regular file"), "{err}");
+        let err = read_regular(dir.path(), 1 << 20, "bundle").unwrap_err().to_string();
+        assert!(err.contains("a directory"), "{err}");
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        // Would block forever if it were opened.
+        let err = read_regular(&fifo, 1 << 20, "bundle").unwrap_err().to_string();
+        assert!(err.contains("a FIFO"), "{err}");
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"0123456789").unwrap();
+        assert_eq!(read_regular(&p, 10, "f").unwrap(), b"0123456789");
+        let err = read_regular(&p, 9, "f").unwrap_err();
+        assert!(matches!(err, FormatError::TooLarge { size: 10, limit: 9, .. }), "{err}");
     }
 
     #[cfg(unix)]

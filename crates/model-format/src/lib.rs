@@ -30,6 +30,8 @@
 //! - [`bundle`]: reads (limits checked before allocation), validates and
 //!   atomically writes bundles.
 //! - [`preprocess`]: the single image → tensor function (feature `preprocess`).
+//! - [`validate`]: the checks a graph passes before a runtime sees it
+//!   (operators, attributes, initializer sizes, a memory budget).
 #![deny(missing_docs)]
 
 pub mod arch;
@@ -44,6 +46,7 @@ pub mod onnx;
 #[cfg(feature = "preprocess")]
 pub mod preprocess;
 pub mod quantize;
+pub mod validate;
 pub mod weights;
 
 pub use bundle::Bundle;

@@ -245,7 +245,7 @@ fn print_text(r: &Report, top: usize) {
         }
         outln!("  slowest {top} nodes:");
         for n in p.nodes.iter().take(top) {
-            outln!("    {:>8.3} ms  {:<14} {}", n.mean_ms, n.op, n.name);
+            outln!("    {:>8.3} ms  {:<14} {}", n.mean_ms, n.op, tern_device::events::escape_for_terminal(&n.name));
         }
     }
 }

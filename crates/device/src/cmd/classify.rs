@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use tern_device::events::escape_for_terminal as esc;
 use tern_device::{npy, Classifier, Ranked};
 use tern_model_format::preprocess::open_image;
 
@@ -50,7 +51,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let mut failed = 0;
     for path in &a.images {
         if let Err(e) = one(&mut clf, &a, path) {
-            eprintln!("error: {}: {e:#}", path.display());
+            eprintln!("error: {}: {}", esc(&path.display().to_string()), esc(&format!("{e:#}")));
             failed += 1;
         }
     }
@@ -71,9 +72,9 @@ fn one(clf: &mut Classifier, a: &Args, path: &Path) -> Result<()> {
         let line = Line { image: path, top, logits: a.logits.then(|| out.logits.clone()), latency_ms };
         outln!("{}", serde_json::to_string(&line)?);
     } else {
-        outln!("{} ({latency_ms:.1} ms)", path.display());
+        outln!("{} ({latency_ms:.1} ms)", esc(&path.display().to_string()));
         for r in top {
-            outln!("  {:>6.2}%  {:>4}  {}", r.probability * 100.0, r.index, r.label);
+            outln!("  {:>6.2}%  {:>4}  {}", r.probability * 100.0, r.index, esc(&r.label));
         }
     }
     Ok(())

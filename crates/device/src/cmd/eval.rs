@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use tern_device::evaluate::{check_labels, evaluate};
+use tern_device::events::escape_for_terminal as esc;
 use tern_device::Classifier;
 use tern_model_format::dataset;
 
@@ -73,7 +74,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
     })?;
     for (path, why) in &skipped {
-        eprintln!("skipped {}: {why}", path.display());
+        eprintln!("skipped {}: {}", esc(&path.display().to_string()), esc(why));
     }
     let correct = results.iter().filter(|r| r.label == r.predicted).count();
     let accuracy = correct as f64 / results.len().max(1) as f64;

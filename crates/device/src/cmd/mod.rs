@@ -47,6 +47,10 @@ pub struct EngineArgs {
     /// (1×1, full and depthwise): to measure one against the other.
     #[arg(long)]
     tract_kernels: bool,
+    /// Memory the graph's tensors may need, MiB, as estimated before tract
+    /// reads the graph; a bundle over it is refused.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    memory_budget_mib: u64,
 }
 
 impl EngineArgs {
@@ -57,6 +61,7 @@ impl EngineArgs {
             compute: if self.f16 { Compute::F16 } else { Compute::F32 },
             kernels: if self.tract_kernels { Kernels::Tract } else { Kernels::Tern },
             threads: usize::from(self.threads),
+            memory_budget: self.memory_budget_mib << 20,
         }
     }
 }

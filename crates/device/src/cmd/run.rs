@@ -95,6 +95,10 @@ pub struct Args {
     /// Give up (exit with an error) after this many failed reopen attempts.
     #[arg(long)]
     reopen_attempts: Option<u32>,
+    /// Report (a `slow-frame` event, counted in `stats`) every inference
+    /// slower than this many milliseconds.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    slow_ms: Option<u64>,
     /// No human-readable log lines on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -139,6 +143,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             attempts: a.reopen_attempts,
         },
         log: !a.quiet,
+        slow: a.slow_ms.map(Duration::from_millis),
     };
 
     let mut stdout = JsonLines::new(std::io::stdout(), a.every_frame);

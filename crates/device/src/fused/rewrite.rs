@@ -19,15 +19,28 @@ use super::{supported, FusedConv, FusedDepthwise, Geometry, Input, Layout, Patch
 /// weights; in both cases with a residual `Add` and then `Max`/`Min` with
 /// constants where they follow alone. Returns how many it replaced; none
 /// where [`supported`] is false. Products over fewer than 6 positions
-/// (matrix × vector, as in a classifier head) stay tract's.
+/// (matrix × vector, as in a classifier head) stay tract's, and so does a
+/// convolution the matcher takes but whose fused op refuses it (its
+/// `new()` returns an error): that node runs on tract's op.
 pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
     if !supported() {
         return Ok(0);
     }
+    rewrite_with(model, &|found| found)
+}
+
+/// [`rewrite`], with `adjust` applied to each match before its op is built
+/// (the tests make a build fail through it).
+fn rewrite_with(model: &mut TypedModel, adjust: &dyn Fn(Found) -> Found) -> TractResult<usize> {
     let mut done = 0;
+    // Nodes whose fused op refused them, by name (ids change as patches apply).
+    let mut refused: std::collections::HashSet<String> = std::collections::HashSet::new();
     'again: loop {
         for id in model.eval_order()? {
             let node = model.node(id);
+            if refused.contains(&node.name) {
+                continue;
+            }
             let found = if let Some(einsum) = node.op_as::<EinSum>() {
                 pointwise(model, node, einsum)?
             } else if let Some(conv) = node.op_as::<Conv>() {
@@ -40,8 +53,15 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
                 None
             };
             if let Some(found) = found {
-                fuse(model, node, found)?.apply(model)?;
-                done += 1;
+                match fuse(model, node, adjust(found))? {
+                    Some(patch) => {
+                        patch.apply(model)?;
+                        done += 1;
+                    }
+                    None => {
+                        refused.insert(node.name.clone());
+                    }
+                }
                 continue 'again;
             }
         }
@@ -310,8 +330,9 @@ fn binary(node: &TypedNode, slot: usize, name: &str) -> Option<OutletId> {
 }
 
 /// The patch that replaces the convolution `node` and what follows it alone:
-/// a bias `Add`, a residual `Add`, `Max` then `Min` with constants.
-fn fuse(model: &TypedModel, node: &TypedNode, found: Found) -> TractResult<TypedModelPatch> {
+/// a bias `Add`, a residual `Add`, `Max` then `Min` with constants; `None`
+/// when the fused op refuses the convolution, which then stays tract's.
+fn fuse(model: &TypedModel, node: &TypedNode, found: Found) -> TractResult<Option<TypedModelPatch>> {
     let Found { co, out_shape, channel_axis, mut bias, build } = found;
     let mut clamp = (f32::NEG_INFINITY, f32::INFINITY);
     let mut last = node.id;
@@ -361,7 +382,7 @@ fn fuse(model: &TypedModel, node: &TypedNode, found: Found) -> TractResult<Typed
         }
         last = succ.id;
     }
-    let op = build(bias, residual.is_some(), clamp)?;
+    let Ok(op) = build(bias, residual.is_some(), clamp) else { return Ok(None) };
     let mut patch = TypedModelPatch::new(format!("tern-fused-conv {}", node.name));
     let mut inputs = tvec![patch.tap_model(model, node.inputs[0])?];
     if let Some(r) = residual {
@@ -370,7 +391,7 @@ fn fuse(model: &TypedModel, node: &TypedNode, found: Found) -> TractResult<Typed
     let name = model.node(last).name.clone();
     let wire = patch.wire_node(name, op, &inputs)?[0];
     patch.shunt_outside(model, OutletId::new(last, 0), wire)?;
-    Ok(patch)
+    Ok(Some(patch))
 }
 
 #[cfg(test)]
@@ -401,6 +422,38 @@ mod tests {
         let got = run(&m);
         let live = m.eval_order().unwrap().into_iter().map(|id| m.node(id).op.name().to_string()).collect();
         (n, live, want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max))
+    }
+
+    #[test]
+    fn a_convolution_its_fused_op_refuses_stays_on_tract() {
+        // The 1×1 convolution of `rewritten_bias`, with a build that fails
+        // as `FusedConv::new` does on weights it cannot take.
+        let mut m = TypedModel::default();
+        let x = m.add_source("x", f32::fact([4usize, 8, 8])).unwrap();
+        let w = m.add_const("w", Tensor::from_shape(&[8, 4], &values(32, 5)).unwrap()).unwrap();
+        let einsum = EinSum { axes: "IHW,OI->HWO".parse().unwrap(), operating_dt: f32::datum_type(), q_params: None };
+        let y = m.wire_node("conv", einsum, &[x, w]).unwrap()[0];
+        m.select_output_outlets(&[y]).unwrap();
+        let input = Tensor::from_shape(&[4, 8, 8], &values(256, 7)).unwrap();
+        let run = |m: &TypedModel| {
+            let out = m.clone().into_runnable().unwrap().run(tvec![input.clone().into_tvalue()]).unwrap();
+            out[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec()
+        };
+        let want = run(&m);
+        let refuse = |found: Found| Found {
+            build: Box::new(|_, _, _| -> TractResult<Box<dyn TypedOp>> { Err(anyhow::anyhow!("refused by the op")) }),
+            ..found
+        };
+        let n = rewrite_with(&mut m, &refuse).unwrap();
+        assert_eq!(n, 0);
+        assert_eq!(run(&m), want);
+        let ops: Vec<String> = m.eval_order().unwrap().into_iter().map(|id| m.node(id).op.name().to_string()).collect();
+        assert!(ops.iter().any(|o| o == "EinSum"), "{ops:?}");
+        // And with the op's own build, it is fused (where the kernels run).
+        let n = rewrite_with(&mut m, &|f| f).unwrap();
+        assert_eq!(n, 1);
+        let got = run(&m);
+        assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() <= 1e-5));
     }
 
     #[test]

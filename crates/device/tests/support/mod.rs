@@ -19,7 +19,27 @@ pub const COLORS: [&str; 3] = ["red", "green", "blue"];
 /// identity) and softmax. `labels` names the outputs (red, green, blue
 /// channel, in that order). Input 16×16, no normalisation.
 pub fn color_bundle(path: &Path, labels: [&str; 3], gain: f32) {
-    let pre = Preprocessing { width: 16, height: 16, resize: ResizeMode::Stretch, mean: [0.0; 3], std: [1.0; 3] };
+    let mut w = vec![0f32; 9];
+    for i in 0..3 {
+        w[i * 3 + i] = gain;
+    }
+    let pool = node("GlobalAveragePool", &["input"], "pooled", vec![]);
+    graph_bundle(path, labels, ResizeMode::Stretch, vec![pool], vec![tensor("w", &[3, 3], &w)]).expect("write colour bundle");
+}
+
+/// Writes a bundle with the colour network's manifest (`labels`, a 16×16
+/// input brought to size by `resize`) and head (Flatten of `pooled`, Gemm
+/// with the 3×3 initializer `w`, Softmax) after `body`, which reads `input`
+/// and must leave `pooled` ([1, 3, 1, 1]). The graph is not checked, so
+/// crafted graphs can be written.
+pub fn graph_bundle(
+    path: &Path,
+    labels: [&str; 3],
+    resize: ResizeMode,
+    body: Vec<onnx::NodeProto>,
+    initializers: Vec<onnx::TensorProto>,
+) -> Result<Manifest, tern_model_format::FormatError> {
+    let pre = Preprocessing { width: 16, height: 16, resize, mean: [0.0; 3], std: [1.0; 3] };
     let io = Io {
         input: "input".into(),
         logits: "logits".into(),
@@ -27,19 +47,18 @@ pub fn color_bundle(path: &Path, labels: [&str; 3], gain: f32) {
         output_width: 3,
         output_kind: OutputKind::Softmax,
     };
-    let mut w = vec![0f32; 9];
-    for i in 0..3 {
-        w[i * 3 + i] = gain;
-    }
+    let mut node_list = body;
+    node_list.extend([
+        node("Flatten", &["pooled"], "features", vec![attr_int("axis", 1)]),
+        node("Gemm", &["features", "w", "b"], "logits", vec![attr_int("transB", 1)]),
+        node("Softmax", &["logits"], "probabilities", vec![attr_int("axis", 1)]),
+    ]);
+    let mut initializer = initializers;
+    initializer.push(tensor("b", &[3], &[0.0; 3]));
     let graph = onnx::GraphProto {
         name: Some("colour".into()),
-        node: vec![
-            node("GlobalAveragePool", &["input"], "pooled", vec![]),
-            node("Flatten", &["pooled"], "features", vec![attr_int("axis", 1)]),
-            node("Gemm", &["features", "w", "b"], "logits", vec![attr_int("transB", 1)]),
-            node("Softmax", &["logits"], "probabilities", vec![attr_int("axis", 1)]),
-        ],
-        initializer: vec![tensor("w", &[3, 3], &w), tensor("b", &[3], &[0.0; 3])],
+        node: node_list,
+        initializer,
         input: vec![value_info("input", &[1, 3, 16, 16])],
         output: vec![value_info("logits", &[1, 3]), value_info("probabilities", &[1, 3])],
         ..Default::default()
@@ -61,10 +80,10 @@ pub fn color_bundle(path: &Path, labels: [&str; 3], gain: f32) {
         },
         graph_sha256: String::new(),
     };
-    tern_model_format::bundle::write(path, graph, manifest).expect("write colour bundle");
+    tern_model_format::bundle::write(path, graph, manifest)
 }
 
-fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeProto>) -> onnx::NodeProto {
+pub fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeProto>) -> onnx::NodeProto {
     onnx::NodeProto {
         name: Some(output.into()),
         op_type: Some(op.into()),
@@ -75,7 +94,7 @@ fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeP
     }
 }
 
-fn attr_int(name: &str, v: i64) -> onnx::AttributeProto {
+pub fn attr_int(name: &str, v: i64) -> onnx::AttributeProto {
     onnx::AttributeProto {
         name: Some(name.into()),
         r#type: Some(onnx::attribute_proto::AttributeType::Int as i32),
@@ -84,7 +103,26 @@ fn attr_int(name: &str, v: i64) -> onnx::AttributeProto {
     }
 }
 
-fn tensor(name: &str, dims: &[i64], data: &[f32]) -> onnx::TensorProto {
+pub fn attr_ints(name: &str, v: &[i64]) -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(onnx::attribute_proto::AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn i64_tensor(name: &str, v: &[i64]) -> onnx::TensorProto {
+    onnx::TensorProto {
+        name: Some(name.into()),
+        dims: vec![v.len() as i64],
+        data_type: Some(onnx::tensor_proto::DataType::Int64 as i32),
+        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+pub fn tensor(name: &str, dims: &[i64], data: &[f32]) -> onnx::TensorProto {
     onnx::TensorProto {
         name: Some(name.into()),
         dims: dims.to_vec(),
