@@ -36,6 +36,7 @@
 //! graph matcher apart (`rewrite`). The ops know their kernels only by the
 //! `compute` call that picks one.
 
+pub mod check;
 mod conv;
 mod depthwise;
 mod rewrite;
@@ -46,11 +47,26 @@ pub use rewrite::rewrite;
 
 use tract_onnx::tract_core::internal::*;
 
-/// Whether [`rewrite`] puts Tern's fused ops in plans on this CPU: x86-64
-/// with AVX2 and FMA, and without AVX-512, where tract's 16-lane kernels
-/// have not been measured against these 8-lane ones.
+/// Whether [`rewrite`] puts Tern's fused ops in plans on this CPU: every
+/// aarch64 CPU (NEON kernels), and x86-64 with AVX2 and FMA but without
+/// AVX-512, where tract's 16-lane kernels have not been measured against
+/// these 8-lane ones.
 pub fn supported() -> bool {
-    has_kernel() && !has_avx512()
+    cfg!(target_arch = "aarch64") || (has_kernel() && !has_avx512())
+}
+
+/// The ISA of the kernels the fused ops run on this CPU, in words: NEON,
+/// AVX-512, AVX2 + FMA, or portable (plain loops).
+pub fn kernel_isa() -> &'static str {
+    if cfg!(target_arch = "aarch64") {
+        "neon"
+    } else if has_avx512() {
+        "avx-512 (convolutions), avx2+fma (depthwise)"
+    } else if has_kernel() {
+        "avx2+fma"
+    } else {
+        "portable"
+    }
 }
 
 /// Whether the AVX2 + FMA kernels can run here (the ops run their portable
@@ -109,20 +125,4 @@ unsafe fn finish(mut acc: f32, residual: Option<*const f32>, at: usize, clamp: (
         acc += unsafe { *r.add(at) };
     }
     acc.max(clamp.0).min(clamp.1)
-}
-
-#[cfg(test)]
-mod tests {
-    /// Deterministic values in [-1, 1).
-    pub(super) fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 }

@@ -396,7 +396,7 @@ fn fuse(model: &TypedModel, node: &TypedNode, found: Found) -> TractResult<Optio
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::values;
+    use super::super::check::values;
     use super::*;
 
     /// A 1×1 convolution `IHW,OI->HWO` of 4 → 8 channels over 8×8 pixels,

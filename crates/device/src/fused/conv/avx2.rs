@@ -3,36 +3,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{FusedConv, Input, Layout, BLOCK_BYTES, MR, NR};
-
-/// Where input value `k` of a tile's position sits, from the position's
-/// first value.
-trait Taps: Copy {
-    fn offset(self, k: usize) -> usize;
-}
-
-/// A 1×1 convolution: values `stride` apart.
-#[derive(Clone, Copy)]
-struct Strided(usize);
-
-impl Taps for Strided {
-    #[inline(always)]
-    fn offset(self, k: usize) -> usize {
-        k * self.0
-    }
-}
-
-/// A full convolution: a table of tap offsets.
-#[derive(Clone, Copy)]
-struct Table(*const usize);
-
-impl Taps for Table {
-    #[inline(always)]
-    fn offset(self, k: usize) -> usize {
-        // SAFETY: `k` < the op's `ci`, the table's length (checked in `FusedConv::new`).
-        unsafe { *self.0.add(k) }
-    }
-}
+use super::{FusedConv, Input, Strided, Table, Taps, Tile, BLOCK_BYTES, MR, NR};
 
 /// Computes pixels `p0..p1`.
 ///
@@ -66,9 +37,7 @@ unsafe fn blocks<T: Taps>(
     (q0, q1): (usize, usize),
 ) {
     unsafe {
-        let (ci, co) = (op.ci, op.co);
-        let (yp, yc) = op.output.strides(op.pixels, co);
-        let block = ((BLOCK_BYTES / (4 * ci)) / MR * MR).max(MR);
+        let block = ((BLOCK_BYTES / (4 * op.ci)) / MR * MR).max(MR);
         let mut b0 = p0;
         while b0 < p1 {
             let b1 = p1.min(b0 + block);
@@ -76,23 +45,7 @@ unsafe fn blocks<T: Taps>(
                 let mut p = b0;
                 while p < b1 {
                     let n = (b1 - p).min(MR);
-                    let mut rows = [row(p); MR];
-                    for (r, at) in rows.iter_mut().enumerate().take(n).skip(1) {
-                        *at = row(p + r);
-                    }
-                    let t = Tile {
-                        rows,
-                        ci,
-                        w: op.packed.as_ptr().add(q * ci * NR),
-                        b: op.bias.as_ptr().add(q * NR),
-                        res: residual.map(|r| r.add(p * yp + q * NR * yc)),
-                        out: out.add(p * yp + q * NR * yc),
-                        yc,
-                        yp,
-                        channel_last: op.output == Layout::PixelMajor,
-                        width: NR.min(co - q * NR),
-                        clamp: op.clamp,
-                    };
+                    let t = Tile::<MR>::at(op, &row, residual, out, (p, n), q, 1);
                     match n {
                         6 => tile::<6, T>(&t, taps),
                         5 => tile::<5, T>(&t, taps),
@@ -109,25 +62,10 @@ unsafe fn blocks<T: Taps>(
     }
 }
 
-/// One tile's operands: up to 6 positions, one weight panel.
-struct Tile {
-    rows: [*const f32; MR],
-    ci: usize,
-    w: *const f32,
-    b: *const f32,
-    res: Option<*const f32>,
-    out: *mut f32,
-    yc: usize,
-    yp: usize,
-    channel_last: bool,
-    width: usize,
-    clamp: (f32, f32),
-}
-
 /// `R` positions × one panel of 16 output channels.
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn tile<const R: usize, T: Taps>(t: &Tile, taps: T) {
+unsafe fn tile<const R: usize, T: Taps>(t: &Tile<MR>, taps: T) {
     unsafe {
         let mut a0 = [_mm256_loadu_ps(t.b); R];
         let mut a1 = [_mm256_loadu_ps(t.b.add(8)); R];

@@ -4,6 +4,10 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 use std::sync::Arc;
 
@@ -11,10 +15,12 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 
-use super::{check_clamp, finish, has_kernel, operands};
+use super::{check_clamp, finish, operands};
+#[cfg(target_arch = "x86_64")]
+use super::{has_avx512, has_kernel};
 
 /// Output channels of one weight panel (two AVX2 vectors).
-const NR: usize = 16;
+pub(super) const NR: usize = 16;
 /// Pixels of one tile.
 pub(super) const MR: usize = 6;
 /// Bytes of activations one block of pixels is sized to (kept in L1/L2
@@ -35,7 +41,7 @@ pub enum Layout {
 
 impl Layout {
     /// Element strides `(pixel, channel)` of a `pixels × channels` tensor.
-    fn strides(self, pixels: usize, channels: usize) -> (usize, usize) {
+    pub(super) fn strides(self, pixels: usize, channels: usize) -> (usize, usize) {
         match self {
             Layout::PixelMajor => (channels, 1),
             Layout::ChannelMajor => (1, pixels),
@@ -111,7 +117,7 @@ impl Patches {
     }
 
     /// The zero-padded copy of `x`.
-    fn pad_input(&self, x: &[f32]) -> Vec<f32> {
+    pub(super) fn pad_input(&self, x: &[f32]) -> Vec<f32> {
         let (hp, wp) = self.padded();
         let mut out = vec![0f32; self.c * hp * wp];
         match self.layout {
@@ -264,12 +270,28 @@ impl FusedConv {
     /// pixels`, `q0 ≤ q1 ≤` panels; no other thread writes these outputs.
     unsafe fn compute(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p: (usize, usize), q: (usize, usize)) {
         #[cfg(target_arch = "x86_64")]
+        if has_avx512() {
+            // SAFETY: as this function's; the CPU has AVX-512F.
+            unsafe { avx512::run(self, x, residual, out, p, q) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if has_kernel() {
             // SAFETY: as this function's; the CPU has AVX2 and FMA.
             unsafe { avx2::run(self, x, residual, out, p, q) };
             return;
         }
-        unsafe { self.compute_portable(x, residual, out, p, q) }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // SAFETY: as this function's; NEON is in the aarch64 baseline.
+            unsafe { neon::run(self, x, residual, out, p, q) };
+            #[allow(clippy::needless_return)]
+            return;
+        }
+        #[allow(unreachable_code)]
+        unsafe {
+            self.compute_portable(x, residual, out, p, q)
+        }
     }
 
     /// The same arithmetic without SIMD: the reference for the tests, and
@@ -277,7 +299,7 @@ impl FusedConv {
     ///
     /// # Safety
     /// As [`FusedConv::compute`].
-    unsafe fn compute_portable(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p: (usize, usize), q: (usize, usize)) {
+    pub(super) unsafe fn compute_portable(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p: (usize, usize), q: (usize, usize)) {
         let (ci, co) = (self.ci, self.co);
         let (op, oc) = self.output.strides(self.pixels, co);
         for p in p.0..p.1 {
@@ -289,6 +311,98 @@ impl FusedConv {
                 }
                 let at = p * op + o * oc;
                 unsafe { *out.add(at) = finish(acc, residual, at, self.clamp) };
+            }
+        }
+    }
+}
+
+/// Where input value `k` of a tile's position sits, from the position's
+/// first value.
+trait Taps: Copy {
+    fn offset(self, k: usize) -> usize;
+}
+
+/// A 1×1 convolution: values `stride` apart.
+#[derive(Clone, Copy)]
+struct Strided(usize);
+
+impl Taps for Strided {
+    #[inline(always)]
+    fn offset(self, k: usize) -> usize {
+        k * self.0
+    }
+}
+
+/// A full convolution: a table of tap offsets.
+#[derive(Clone, Copy)]
+struct Table(*const usize);
+
+impl Taps for Table {
+    #[inline(always)]
+    fn offset(self, k: usize) -> usize {
+        // SAFETY: `k` < the op's `ci`, the table's length (checked in `FusedConv::new`).
+        unsafe { *self.0.add(k) }
+    }
+}
+
+/// One tile's operands, for the kernels: up to `N` positions, the weight
+/// panel(s) from `w`.
+struct Tile<const N: usize> {
+    /// Where each position's input values start.
+    rows: [*const f32; N],
+    ci: usize,
+    /// The first weight panel; a second one follows `ci × 16` values later.
+    w: *const f32,
+    b: *const f32,
+    res: Option<*const f32>,
+    out: *mut f32,
+    yc: usize,
+    yp: usize,
+    channel_last: bool,
+    /// Output channels of the tile that exist.
+    width: usize,
+    clamp: (f32, f32),
+}
+
+impl<const N: usize> Tile<N> {
+    /// The tile of output positions `p..p + n` and channels from panel `q`
+    /// on (`panels` of them at most), `row(p)` being where position `p`'s
+    /// input values start.
+    ///
+    /// # Safety
+    /// `p + n` ≤ the op's pixels, `q` < its panels, `n` ≤ `N`; `out` (and
+    /// `residual`) hold the op's whole output.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn at(
+        op: &FusedConv,
+        row: &impl Fn(usize) -> *const f32,
+        residual: Option<*const f32>,
+        out: *mut f32,
+        (p, n): (usize, usize),
+        q: usize,
+        panels: usize,
+    ) -> Tile<N> {
+        let (yp, yc) = op.output.strides(op.pixels, op.co);
+        let mut rows = [row(p); N];
+        for (r, at) in rows.iter_mut().enumerate().take(n).skip(1) {
+            *at = row(p + r);
+        }
+        let at = p * yp + q * NR * yc;
+        // SAFETY: as this function's: the offsets stay in the op's buffers.
+        unsafe {
+            Tile {
+                rows,
+                ci: op.ci,
+                w: op.packed.as_ptr().add(q * op.ci * NR),
+                b: op.bias.as_ptr().add(q * NR),
+                res: residual.map(|r| r.add(at)),
+                out: out.add(at),
+                yc,
+                yp,
+                channel_last: op.output == Layout::PixelMajor,
+                width: (op.co - q * NR).min(panels * NR),
+                clamp: op.clamp,
             }
         }
     }
@@ -375,95 +489,12 @@ impl TypedOp for FusedConv {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::values;
+    use super::super::check;
     use super::*;
-
-    /// `x(p, k)` read from the unpadded input with plain index arithmetic
-    /// (zero outside it), independent of the op's offset tables.
-    fn input_value(x: &[f32], spec: &Spec, p: usize, k: usize) -> f32 {
-        match &spec.input {
-            Input::Pointwise(layout) => {
-                let (xp, xc) = layout.strides(spec.pixels, spec.ci);
-                x[p * xp + k * xc]
-            }
-            Input::Patches(g) => {
-                let (c, ky, kx) = (k / (g.kernel.0 * g.kernel.1), k / g.kernel.1 % g.kernel.0, k % g.kernel.1);
-                let (oy, ox) = (p / g.out.1, p % g.out.1);
-                let y = (oy * g.strides.0 + ky) as isize - g.pad.0 as isize;
-                let xx = (ox * g.strides.1 + kx) as isize - g.pad.2 as isize;
-                if y < 0 || xx < 0 || y >= g.h as isize || xx >= g.w as isize {
-                    return 0.0;
-                }
-                let (y, xx) = (y as usize, xx as usize);
-                match g.layout {
-                    Layout::ChannelMajor => x[(c * g.h + y) * g.w + xx],
-                    Layout::PixelMajor => x[(y * g.w + xx) * g.c + c],
-                }
-            }
-        }
-    }
-
-    /// Plain loops over the unpacked weights, in f64.
-    fn reference(x: &[f32], w: &[f32], b: &[f32], res: Option<&[f32]>, spec: &Spec) -> Vec<f32> {
-        let (ci, co, n) = (spec.ci, spec.co, spec.pixels);
-        let (yp, yc) = spec.output.strides(n, co);
-        let mut y = vec![0f32; n * co];
-        for p in 0..n {
-            for o in 0..co {
-                let mut acc = b[o] as f64;
-                for k in 0..ci {
-                    acc += input_value(x, spec, p, k) as f64 * w[o * ci + k] as f64;
-                }
-                if let Some(r) = res {
-                    acc += r[p * yp + o * yc] as f64;
-                }
-                y[p * yp + o * yc] = (acc as f32).max(spec.clamp.0).min(spec.clamp.1);
-            }
-        }
-        y
-    }
-
-    /// The op (the AVX2 kernel where the CPU has it) and its portable loops
-    /// against [`reference`].
-    fn check(spec: Spec, inputs: usize) {
-        let (ci, co, pixels) = (spec.ci, spec.co, spec.pixels);
-        let (x, w, b, r) = (values(inputs, 1), values(ci * co, 2), values(co, 3), values(pixels * co, 4));
-        let op = FusedConv::new(spec.clone(), &w, &b).unwrap();
-        let want = reference(&x, &w, &b, spec.residual.then_some(&r[..]), &spec);
-        let mut tensors = tvec![Tensor::from_shape(&[inputs], &x).unwrap().into_tvalue()];
-        if spec.residual {
-            tensors.push(Tensor::from_shape(&spec.out_shape, &r).unwrap().into_tvalue());
-        }
-        let got = op.eval(&EvalContext::out_of_plan(), tensors).unwrap();
-        let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
-        let padded = match &spec.input {
-            Input::Pointwise(_) => x.clone(),
-            Input::Patches(g) => g.pad_input(&x),
-        };
-        let mut portable = vec![f32::NAN; pixels * co];
-        let rp = spec.residual.then_some(r.as_ptr());
-        unsafe { op.compute_portable(padded.as_ptr(), rp, portable.as_mut_ptr(), (0, pixels), (0, co.div_ceil(NR))) };
-        let tol = 1e-5 * (ci as f32).sqrt() * 4.0;
-        for (k, ((g, p), e)) in got.iter().zip(&portable).zip(&want).enumerate() {
-            assert!((g - e).abs() <= tol, "{spec:?} at {k}: kernel {g}, reference {e}");
-            assert!((p - e).abs() <= tol, "{spec:?} at {k}: portable {p}, reference {e}");
-        }
-    }
-
-    const NONE: (f32, f32) = (f32::NEG_INFINITY, f32::INFINITY);
 
     #[test]
     fn pointwise_every_layout_tail_and_epilogue_matches_plain_loops() {
-        use Layout::*;
-        for (ci, co, pixels) in [(16, 96, 61), (24, 40, 13), (3, 8, 6), (32, 16, 6), (144, 24, 7), (5, 33, 12)] {
-            for (i, o) in [(PixelMajor, PixelMajor), (ChannelMajor, PixelMajor), (PixelMajor, ChannelMajor), (ChannelMajor, ChannelMajor)] {
-                for (residual, clamp) in [(false, NONE), (true, NONE), (false, (0.0, 0.5))] {
-                    let out_shape = tvec![pixels, co];
-                    let spec = Spec { ci, co, pixels, input: Input::Pointwise(i), output: o, out_shape, residual, clamp };
-                    check(spec, pixels * ci);
-                }
-            }
-        }
+        check::pointwise().unwrap();
     }
 
     #[test]
@@ -483,7 +514,7 @@ mod tests {
                         residual: true,
                         clamp: (0.0, 6.0),
                     };
-                    check(spec, pixels * ci);
+                    check::conv(spec, pixels * ci).unwrap();
                 }
             }
         });
@@ -491,34 +522,7 @@ mod tests {
 
     #[test]
     fn full_convolution_every_layout_stride_and_padding_matches_plain_loops() {
-        use Layout::*;
-        // (c, h, w, kernel, strides, pad top/bottom/left/right, co)
-        let cases = [
-            (3, 15, 15, (3, 3), (2, 2), (0, 1, 0, 1), 32),
-            (3, 9, 11, (3, 3), (1, 1), (1, 1, 1, 1), 20),
-            (5, 8, 7, (5, 5), (2, 1), (2, 2, 0, 3), 16),
-            (2, 6, 6, (1, 3), (1, 2), (0, 0, 1, 1), 7),
-        ];
-        for (c, h, w, kernel, strides, pad, co) in cases {
-            let out = ((h + pad.0 + pad.1 - kernel.0) / strides.0 + 1, (w + pad.2 + pad.3 - kernel.1) / strides.1 + 1);
-            for layout in [ChannelMajor, PixelMajor] {
-                for (residual, clamp) in [(false, NONE), (true, (0.0, 6.0))] {
-                    let g = Patches { c, h, w, layout, kernel, strides, pad, out };
-                    let pixels = out.0 * out.1;
-                    let spec = Spec {
-                        ci: c * kernel.0 * kernel.1,
-                        co,
-                        pixels,
-                        input: Input::Patches(g),
-                        output: layout,
-                        out_shape: tvec![pixels, co],
-                        residual,
-                        clamp,
-                    };
-                    check(spec, c * h * w);
-                }
-            }
-        }
+        check::full().unwrap();
     }
 
     #[test]
@@ -533,7 +537,7 @@ mod tests {
             pad: (0, 0, 0, 0),
             out: (4, 4),
         };
-        let spec = Spec { ci: 27, co: 8, pixels: 16, input: Input::Patches(g), output: Layout::ChannelMajor, out_shape: tvec![16, 8], residual: false, clamp: NONE };
+        let spec = Spec { ci: 27, co: 8, pixels: 16, input: Input::Patches(g), output: Layout::ChannelMajor, out_shape: tvec![16, 8], residual: false, clamp: (f32::NEG_INFINITY, f32::INFINITY) };
         let e = FusedConv::new(spec, &[0.0; 27 * 8], &[0.0; 8]).unwrap_err();
         assert!(format!("{e}").contains("leave the padded input"), "{e}");
     }

@@ -9,6 +9,8 @@
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 use std::sync::Arc;
 
@@ -140,14 +142,24 @@ impl FusedDepthwise {
             unsafe { avx2::rows(self, x, residual, out, oy0, oy1) };
             return;
         }
-        unsafe { self.compute_portable(x, residual, out, oy0, oy1) }
+        #[cfg(target_arch = "aarch64")]
+        {
+            // SAFETY: as this function's; NEON is in the aarch64 baseline.
+            unsafe { neon::rows(self, x, residual, out, oy0, oy1) };
+            #[allow(clippy::needless_return)]
+            return;
+        }
+        #[allow(unreachable_code)]
+        unsafe {
+            self.compute_portable(x, residual, out, oy0, oy1)
+        }
     }
 
     /// The same arithmetic without SIMD.
     ///
     /// # Safety
     /// As [`FusedDepthwise::compute`].
-    unsafe fn compute_portable(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, oy0: usize, oy1: usize) {
+    pub(super) unsafe fn compute_portable(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, oy0: usize, oy1: usize) {
         let g = &self.geometry;
         let cp = self.bias.len();
         for oy in oy0..oy1 {
@@ -228,70 +240,10 @@ impl TypedOp for FusedDepthwise {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::values;
-    use super::*;
-
-    /// Plain loops over signed coordinates, in f64.
-    fn reference(x: &[f32], w: &[f32], b: &[f32], res: Option<&[f32]>, g: &Geometry, clamp: (f32, f32)) -> Vec<f32> {
-        let (kh, kw) = g.kernel;
-        let mut y = vec![0f32; g.out.0 * g.out.1 * g.c];
-        for oy in 0..g.out.0 {
-            for ox in 0..g.out.1 {
-                for c in 0..g.c {
-                    let mut acc = b[c] as f64;
-                    for ky in 0..kh {
-                        for kx in 0..kw {
-                            let iy = (oy * g.strides.0 + ky) as isize - g.pad.0 as isize;
-                            let ix = (ox * g.strides.1 + kx) as isize - g.pad.1 as isize;
-                            if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                                let v = x[(iy as usize * g.w + ix as usize) * g.c + c] as f64;
-                                acc += v * w[(c * kh + ky) * kw + kx] as f64;
-                            }
-                        }
-                    }
-                    let at = (oy * g.out.1 + ox) * g.c + c;
-                    if let Some(r) = res {
-                        acc += r[at] as f64;
-                    }
-                    y[at] = (acc as f32).max(clamp.0).min(clamp.1);
-                }
-            }
-        }
-        y
-    }
+    use super::super::check;
 
     #[test]
     fn every_stride_padding_border_and_channel_tail_matches_plain_loops() {
-        // (c, h, w, kernel, strides, pad top/left, pad bottom/right)
-        let cases = [
-            (96, 12, 13, (3, 3), (2, 2), (0, 0), (1, 1)),
-            (32, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1)),
-            (20, 7, 7, (5, 5), (1, 1), (2, 2), (2, 2)),
-            (11, 10, 15, (5, 5), (2, 2), (1, 2), (2, 2)),
-            (3, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1)),
-            (16, 3, 17, (1, 3), (1, 3), (0, 1), (0, 1)),
-        ];
-        for (c, h, w, kernel, strides, pad, after) in cases {
-            let out = ((h + pad.0 + after.0 - kernel.0) / strides.0 + 1, (w + pad.1 + after.1 - kernel.1) / strides.1 + 1);
-            let g = Geometry { c, h, w, kernel, strides, pad, out };
-            for (residual, clamp) in [(false, (0.0f32, 6.0f32)), (true, (f32::NEG_INFINITY, f32::INFINITY))] {
-                let n = out.0 * out.1 * c;
-                let (x, k, b, r) = (values(h * w * c, 1), values(c * kernel.0 * kernel.1, 2), values(c, 3), values(n, 4));
-                let op = FusedDepthwise::new(g.clone(), tvec![out.0, out.1, c], &k, &b, residual, clamp).unwrap();
-                let want = reference(&x, &k, &b, residual.then_some(&r[..]), &g, clamp);
-                let mut inputs = tvec![Tensor::from_shape(&[h, w, c], &x).unwrap().into_tvalue()];
-                if residual {
-                    inputs.push(Tensor::from_shape(&[out.0, out.1, c], &r).unwrap().into_tvalue());
-                }
-                let got = op.eval(&EvalContext::out_of_plan(), inputs).unwrap();
-                let got = got[0].try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
-                let mut portable = vec![f32::NAN; n];
-                unsafe { op.compute_portable(x.as_ptr(), residual.then_some(r.as_ptr()), portable.as_mut_ptr(), 0, out.0) };
-                for (i, ((a, p), e)) in got.iter().zip(&portable).zip(&want).enumerate() {
-                    assert!((a - e).abs() <= 2e-5, "{g:?} at {i}: kernel {a}, reference {e}");
-                    assert!((p - e).abs() <= 2e-5, "{g:?} at {i}: portable {p}, reference {e}");
-                }
-            }
-        }
+        check::depthwise().unwrap();
     }
 }
