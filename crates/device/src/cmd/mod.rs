@@ -25,6 +25,10 @@ pub fn write_line(args: std::fmt::Arguments) {
     }
 }
 
+use std::path::{Path, PathBuf};
+
+use tern_device::trust::Trust;
+
 pub mod bench;
 pub mod cameras;
 pub mod classify;
@@ -47,9 +51,38 @@ pub struct EngineArgs {
     /// (1×1, full and depthwise): to measure one against the other.
     #[arg(long)]
     tract_kernels: bool,
+    /// Which bundles may run.
+    #[command(flatten)]
+    pub trust: TrustArgs,
+}
+
+/// `--trust`: the public keys whose bundles may run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrustArgs {
+    /// Run only bundles signed by this key (a `tern-host keygen` KEY.pub)
+    /// and unchanged since; unsigned, tampered and otherwise signed bundles
+    /// are refused, on hot reload too. Repeat it to trust several keys
+    /// (key rotation). The environment variable takes paths separated by `:`.
+    #[arg(long = "trust", value_name = "KEY.pub", env = "TERN_TRUST", value_delimiter = ':')]
+    keys: Vec<PathBuf>,
+}
+
+impl TrustArgs {
+    /// The trusted keys, read from their files. Empty entries (an empty
+    /// `TERN_TRUST`, `a.pub::b.pub`) are skipped.
+    pub fn trust(&self) -> anyhow::Result<Trust> {
+        let keys: Vec<PathBuf> = self.keys.iter().filter(|p| !p.as_os_str().is_empty()).cloned().collect();
+        Trust::read(&keys)
+    }
 }
 
 impl EngineArgs {
+    /// Reads the trusted keys, then loads and checks the bundle at `path`.
+    pub fn load(&self, path: &Path) -> anyhow::Result<tern_device::Classifier> {
+        let (classifier, _) = self.trust.trust()?.load(path, &self.options())?;
+        Ok(classifier)
+    }
+
     /// The engine's load options.
     pub fn options(&self) -> tern_device::engine::LoadOptions {
         use tern_device::engine::{Compute, Kernels, LoadOptions};
