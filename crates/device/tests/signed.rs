@@ -213,3 +213,26 @@ fn info_names_the_signer() {
     let (ok, err, _) = info(&signed, &[]);
     assert!(!ok && err.contains("modified after it was signed"), "{err}");
 }
+
+#[test]
+fn an_empty_tern_trust_trusts_no_key_and_flags_override_it() {
+    let f = Fixture::new();
+    let (a, a_pub) = f.key("a");
+    let (_, b_pub) = f.key("b");
+    let unsigned = f.bundle("unsigned.onnx", None);
+    let by_a = f.bundle("by-a.onnx", Some(&a));
+    let run = |env: &OsStr, bundle: &Path, trust: &[&Path]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tern-device"));
+        c.env("TERN_TRUST", env).arg("classify").arg(bundle).arg(&f.red_png);
+        for k in trust {
+            c.arg("--trust").arg(k);
+        }
+        c.output().unwrap()
+    };
+    // As deploy/tern.env leaves it when no key is configured.
+    assert!(run(OsStr::new(""), &unsigned, &[]).status.success());
+    // --trust replaces TERN_TRUST.
+    refused(&run(b_pub.as_os_str(), &by_a, &[]), "not a trusted key");
+    assert!(run(b_pub.as_os_str(), &by_a, &[&a_pub]).status.success());
+    refused(&run(f.path("gone.pub").as_os_str(), &unsigned, &[]), "TERN_TRUST");
+}

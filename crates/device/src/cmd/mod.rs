@@ -27,6 +27,7 @@ pub fn write_line(args: std::fmt::Arguments) {
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use tern_device::trust::Trust;
 
 pub mod bench;
@@ -62,17 +63,24 @@ pub struct TrustArgs {
     /// Run only bundles signed by this key (a `tern-host keygen` KEY.pub)
     /// and unchanged since; unsigned, tampered and otherwise signed bundles
     /// are refused, on hot reload too. Repeat it to trust several keys
-    /// (key rotation). The environment variable takes paths separated by `:`.
-    #[arg(long = "trust", value_name = "KEY.pub", env = "TERN_TRUST", value_delimiter = ':')]
+    /// (key rotation). Without it: the keys in $TERN_TRUST (paths separated
+    /// by `:`), if set.
+    #[arg(long = "trust", value_name = "KEY.pub")]
     keys: Vec<PathBuf>,
 }
 
 impl TrustArgs {
-    /// The trusted keys, read from their files. Empty entries (an empty
-    /// `TERN_TRUST`, `a.pub::b.pub`) are skipped.
+    /// The trusted keys, read from their files: those of `--trust`, else
+    /// those of `TERN_TRUST` (empty entries skipped, so an empty or unset
+    /// variable trusts no key: any bundle runs).
     pub fn trust(&self) -> anyhow::Result<Trust> {
-        let keys: Vec<PathBuf> = self.keys.iter().filter(|p| !p.as_os_str().is_empty()).cloned().collect();
-        Trust::read(&keys)
+        if !self.keys.is_empty() {
+            return Trust::read(&self.keys);
+        }
+        let from_env: Vec<PathBuf> = std::env::var_os("TERN_TRUST")
+            .map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect())
+            .unwrap_or_default();
+        Trust::read(&from_env).context("in TERN_TRUST")
     }
 }
 
