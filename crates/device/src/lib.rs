@@ -17,6 +17,7 @@ pub mod reload;
 pub mod runloop;
 pub mod smooth;
 pub mod source;
+pub mod trust;
 pub mod evaluate;
 pub mod npy;
 pub mod perf;

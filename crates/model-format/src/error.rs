@@ -125,6 +125,21 @@ pub enum FormatError {
         /// How to raise the limit, if it can be raised (starts with `; `).
         hint: &'static str,
     },
+    /// A signature was required and the bundle has none.
+    #[error("the bundle is not signed, and only bundles signed by a trusted key are accepted")]
+    Unsigned,
+    /// The bundle is signed by a key that is not among the trusted ones.
+    #[error("the bundle is signed by key {key_id}, which is not a trusted key")]
+    UnknownSigner {
+        /// Id of the key that signed it.
+        key_id: String,
+    },
+    /// The signature does not match the bundle's contents.
+    #[error("the signature by key {key_id} does not match the bundle: it was modified after it was signed")]
+    BadSignature {
+        /// Id of the (trusted) key the signature claims.
+        key_id: String,
+    },
     /// An image could not be decoded.
     #[error("cannot decode image: {detail}")]
     Image {

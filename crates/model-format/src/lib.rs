@@ -24,6 +24,10 @@
 //! The graph has one input `[1, 3, H, W]` f32 and two outputs, the logits
 //! and the probabilities, both `[1, N]`.
 //!
+//! A signed bundle has a second entry, [`signature::SIGNATURE_KEY`]
+//! (`tern.signature`): an ed25519 signature over the graph, the manifest
+//! and every other field of the file but itself (see [`signature`]).
+//!
 //! # Modules
 //! - [`arch`]: backbone descriptions with their state-dict names.
 //! - [`export`]: writes the ONNX graph from named weights (batch norm folded).
@@ -32,6 +36,7 @@
 //! - [`preprocess`]: the single image → tensor function (feature `preprocess`).
 //! - [`validate`]: the checks a graph passes before a runtime sees it
 //!   (operators, attributes, initializer sizes, a memory budget).
+//! - [`signature`]: ed25519 key files, signing and verifying bundles.
 #![deny(missing_docs)]
 
 pub mod arch;
@@ -47,6 +52,7 @@ pub mod onnx;
 pub mod preprocess;
 pub mod quantize;
 pub mod validate;
+pub mod signature;
 pub mod weights;
 
 pub use bundle::Bundle;

@@ -13,7 +13,6 @@ use anyhow::{Context, Result};
 use tern_device::engine::Compute;
 use tern_device::npy;
 use tern_device::perf::{self, LatencyStats, Profile};
-use tern_device::Classifier;
 use tern_model_format::preprocess::{decode_image, open_image, preprocess_rgb8};
 use tern_model_format::Bundle;
 
@@ -92,8 +91,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let model_bytes =
         std::fs::metadata(&a.bundle).with_context(|| format!("cannot read {}", a.bundle.display()))?.len();
 
+    let trust = a.engine.trust.trust()?;
     let start = Instant::now();
-    let mut clf = Classifier::load(&a.bundle, &options)?;
+    let (mut clf, _) = trust.load(&a.bundle, &options)?;
     let load = start.elapsed();
     let pre = clf.manifest().preprocessing;
     let input = match &a.image {

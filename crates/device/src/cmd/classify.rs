@@ -44,7 +44,7 @@ struct Line<'a> {
 /// Classifies every image; an image that cannot be read is reported and the
 /// others still run (the exit code is then non-zero).
 pub fn run(a: Args) -> Result<ExitCode> {
-    let mut clf = Classifier::load(&a.bundle, &a.engine.options())?;
+    let mut clf = a.engine.load(&a.bundle)?;
     if let Some(dir) = &a.dump_input {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

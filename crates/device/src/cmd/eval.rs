@@ -7,7 +7,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use tern_device::evaluate::{check_labels, evaluate};
 use tern_device::events::escape_for_terminal as esc;
-use tern_device::Classifier;
 use tern_model_format::dataset;
 
 /// Which part of the data set to evaluate.
@@ -49,7 +48,7 @@ pub struct Args {
 
 /// Evaluates and prints accuracy (or JSON lines).
 pub fn run(a: Args) -> Result<ExitCode> {
-    let mut clf = Classifier::load(&a.bundle, &a.engine.options())?;
+    let mut clf = a.engine.load(&a.bundle)?;
     let trained =
         clf.manifest().provenance.training.as_ref().and_then(|t| t.get("options")).cloned().unwrap_or_default();
     let val_fraction = a.val_fraction.or_else(|| trained.get("val_fraction").and_then(|v| v.as_f64())).unwrap_or(0.2);

@@ -14,7 +14,7 @@ use tern_device::reload::{Check, Reloader};
 use tern_device::runloop::{self, Backoff, LoopOptions};
 use tern_device::smooth::{Hysteresis, Smoothing};
 use tern_device::source::{FrameSource, ImageFiles, MjpegFile, Synthetic};
-use tern_device::{camera, gpio, Classifier};
+use tern_device::{camera, gpio};
 
 /// Arguments of `run`.
 #[derive(clap::Args)]
@@ -124,7 +124,11 @@ fn seconds(v: f64, what: &str) -> Result<Duration> {
 pub fn run(a: Args) -> Result<ExitCode> {
     let thresholds = Hysteresis::new(a.on, a.off).map_err(|e| anyhow!(e))?;
     let options = a.engine.options();
-    let classifier = Classifier::load(&a.bundle, &options)?;
+    let trust = a.engine.trust.trust()?;
+    let (classifier, signer) = trust.load(&a.bundle, &options)?;
+    if let (Some(k), false) = (&signer, a.quiet) {
+        eprintln!("{}: signed by trusted key {}", a.bundle.display(), k.describe());
+    }
     let rules = a.gpio.as_deref().map(parse_rules).transpose()?;
     if let Some(r) = &rules {
         check_labels(r, &classifier.manifest().labels).with_context(|| format!("bundle {}", a.bundle.display()))?;
@@ -164,7 +168,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     } else {
         let rules = rules.clone().unwrap_or_default();
         let check: Check = Box::new(move |m: &tern_model_format::Manifest| check_labels(&rules, &m.labels));
-        Some(Reloader::spawn(&a.bundle, seconds(a.reload_interval, "--reload-interval")?, options, check)?)
+        Some(Reloader::spawn(&a.bundle, seconds(a.reload_interval, "--reload-interval")?, options, trust, check)?)
     };
 
     let stop = Arc::new(AtomicBool::new(false));
