@@ -933,7 +933,7 @@ mod tests {
 
     fn bundle(graph: onnx::GraphProto, m: Manifest) -> Bundle {
         let (bytes, manifest) = encode(graph, m).unwrap();
-        Bundle { manifest, onnx: bytes }
+        Bundle::unchecked(manifest, bytes)
     }
 
     fn check_default(graph: onnx::GraphProto, m: Manifest) -> Result<Estimate, FormatError> {
