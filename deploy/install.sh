@@ -14,7 +14,8 @@
 # and creates the system user `tern` (groups video, gpio). Idempotent: run it
 # again with a new binary or bundle to upgrade; the service restarts on the
 # new files. The bundle is checked with `tern-device info` before it replaces
-# the running one.
+# the running one, against the TERN_TRUST keys of the environment file the
+# service will use (signed bundles: see README.md).
 #
 # Options (before the arguments):
 #   --no-start   install and enable, but do not (re)start the service
@@ -65,7 +66,11 @@ if [[ -z $root ]]; then
     exit 1
   fi
   echo "binary: $version"
-  if ! "$binary" info "$bundle" >/dev/null; then
+  # The keys the service will trust: those of the environment file it will read.
+  env_src=${env_file:-$etc/tern.env}
+  [[ -f $env_src ]] || env_src=$here/tern.env
+  trust=$(sed -n 's/^TERN_TRUST=//p' "$env_src" | tail -n 1)
+  if ! TERN_TRUST=$trust "$binary" info "$bundle" >/dev/null; then
     echo "error: $binary cannot load $bundle (see above)" >&2
     exit 1
   fi

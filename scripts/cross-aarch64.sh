@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Cross-builds tern-device for aarch64-unknown-linux-gnu without Docker and
-# checks it against the x86-64 build: for every bundle given (default: the
+# checks it against the x86-64 build: `tern-device selftest` (the fused
+# kernels against reference loops) under qemu for cortex-a72 and cortex-a76,
+# then, for every bundle given (default: the
 # ImageNet bundle made by scripts/setup.sh), both binaries run
 # `classify --json --logits` on the sample photos, the aarch64 one under
 # qemu-user, and scripts/compare-classify.py requires the same top-1 class
@@ -29,6 +31,8 @@
 #                        (default: none, i.e. default features)
 #   TERN_CROSS_TOL       largest allowed |logit difference| (default 1e-4)
 #   TERN_CROSS_SKIP_BUILD=1  reuse both binaries as they are
+#   TERN_CROSS_BUILD_ONLY=1  build and strip the aarch64 binary, then stop
+#                        (bench/aarch64.sh uses it)
 #   TERN_QEMU_TIMEOUT    seconds one qemu run may take (default 900)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -95,10 +99,12 @@ if [[ ${TERN_CROSS_SKIP_BUILD:-0} != 1 ]]; then
     /usr/bin/cargo build --locked --release -p tern-device --target "$target" \
     --target-dir "$target_dir" "${features[@]}"
   echo "aarch64 build took $((SECONDS - start)) s"
-  echo "== x86-64 build: $(rustc --version)"
-  start=$SECONDS
-  cargo build --locked --release -p tern-device
-  echo "x86-64 build took $((SECONDS - start)) s"
+  if [[ ${TERN_CROSS_BUILD_ONLY:-0} != 1 ]]; then
+    echo "== x86-64 build: $(rustc --version)"
+    start=$SECONDS
+    cargo build --locked --release -p tern-device
+    echo "x86-64 build took $((SECONDS - start)) s"
+  fi
 fi
 
 stripped=$aarch64_bin.stripped
@@ -109,6 +115,9 @@ if ! aarch64-linux-gnu-readelf -h "$stripped" | grep -q 'Machine:.*AArch64'; the
   echo "error: $stripped is not an AArch64 executable" >&2
   exit 1
 fi
+if [[ ${TERN_CROSS_BUILD_ONLY:-0} == 1 ]]; then
+  exit 0
+fi
 
 # A hang under qemu fails the check instead of blocking CI.
 run_aarch64() { timeout "${TERN_QEMU_TIMEOUT:-900}" qemu-aarch64 -L "$sysroot" "$root/$stripped" "$@"; }
@@ -117,6 +126,15 @@ echo "== qemu: $(run_aarch64 --version)"
 out=$target_dir/check
 mkdir -p "$out"
 status=0
+# Tern's NEON kernels against plain reference loops, on the CPU models of a
+# Raspberry Pi 4 (no dot product, no fp16) and a Pi 5.
+for cpu in cortex-a72 cortex-a76; do
+  echo "== selftest on -cpu $cpu"
+  if ! timeout "${TERN_QEMU_TIMEOUT:-900}" qemu-aarch64 -cpu "$cpu" -L "$sysroot" "$root/$stripped" selftest; then
+    echo "FAIL: the fused kernels differ from the reference loops on $cpu" >&2
+    status=1
+  fi
+done
 for b in "${bundles[@]}"; do
   name=$(basename "$b" .onnx)
   echo "== $b on ${#photos[@]} photos"

@@ -1,14 +1,26 @@
 //! The inference engine: a bundle loaded once into a tract plan.
+//!
+//! Before tract reads a graph, [`tern_model_format::validate::check`] checks
+//! it (operators, attributes, initializer sizes, a memory budget): tract
+//! trusts its input and panics or allocates without bound on crafted
+//! graphs. What still goes wrong inside tract is contained: a panic while
+//! loading or running becomes an error here, and a plan that panicked in
+//! the middle of an inference is replaced by a fresh one before the next.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use image::{DynamicImage, RgbImage};
 use tern_model_format::manifest::{Manifest, OutputKind};
+use tern_model_format::preprocess::{preprocess, preprocess_rgb8};
+use tern_model_format::validate::{self, Limits};
 use tern_model_format::Bundle;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::konst::Const;
+use tract_onnx::tract_core::tract_linalg::multithread::{multithread_tract_scope, Executor};
 
 /// The raw outputs of one inference.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,10 +96,116 @@ impl std::str::FromStr for Compute {
     }
 }
 
+/// Which kernels run a plan's convolutions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kernels {
+    /// Tern's fused ops ([`crate::fused`]) where they were measured faster
+    /// than tract's on this CPU, tract's own elsewhere.
+    #[default]
+    Tern,
+    /// tract's own kernels only: to measure one against the other.
+    Tract,
+}
+
+/// Everything that decides how a bundle is loaded and run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// The float type the plan computes in.
+    pub compute: Compute,
+    /// Which kernels run the convolutions.
+    pub kernels: Kernels,
+    /// Threads for the plan's kernels: 1 runs on the caller's thread, more
+    /// on a pool of that many, owned by the [`Classifier`].
+    pub threads: usize,
+    /// Most bytes the graph's values may need, as estimated by
+    /// [`tern_model_format::validate`] before tract sees the graph.
+    pub memory_budget: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            compute: Compute::F32,
+            kernels: Kernels::Tern,
+            threads: 1,
+            memory_budget: validate::DEFAULT_MEMORY_BUDGET,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// These options computing in `compute`.
+    pub fn compute(self, compute: Compute) -> LoadOptions {
+        LoadOptions { compute, ..self }
+    }
+
+    /// These options with `kernels`.
+    pub fn kernels(self, kernels: Kernels) -> LoadOptions {
+        LoadOptions { kernels, ..self }
+    }
+
+    /// These options with `threads` threads.
+    pub fn threads(self, threads: usize) -> LoadOptions {
+        LoadOptions { threads, ..self }
+    }
+
+    /// These options with a memory budget of `bytes`.
+    pub fn memory_budget(self, bytes: u64) -> LoadOptions {
+        LoadOptions { memory_budget: bytes, ..self }
+    }
+
+    /// tract's executor for [`LoadOptions::threads`]; a plan runs on it
+    /// inside `tract_linalg::multithread::multithread_tract_scope`.
+    pub fn executor(&self) -> Result<Executor> {
+        match self.threads {
+            0 => bail!("threads must be at least 1"),
+            1 => Ok(Executor::SingleThread),
+            n => {
+                // rayon's pool builder only fails when the OS refuses threads;
+                // tract panics then, which becomes this error.
+                std::panic::catch_unwind(|| Executor::multithread_with_name(n, "tern"))
+                    .map_err(|_| anyhow::anyhow!("cannot start a pool of {n} threads"))
+            }
+        }
+    }
+}
+
 /// Reads a bundle's graph into an optimised tract model computing in
-/// `compute`, with the manifest's input shape and its two outputs (logits,
-/// probabilities). The model's input and outputs are of `compute`'s type.
-pub fn optimized_model(bundle: &Bundle, compute: Compute) -> Result<TypedModel> {
+/// `options.compute` with `options.kernels`, with the manifest's input shape
+/// and its two outputs (logits, probabilities). The model's input and
+/// outputs are of the compute type. The graph is checked first
+/// ([`tern_model_format::validate`], within `options.memory_budget`), and a
+/// panic inside tract is an error.
+pub fn optimized_model(bundle: &Bundle, options: &LoadOptions) -> Result<TypedModel> {
+    Ok(optimize(bundle, options)?.0)
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into())
+}
+
+/// Runs `f`, turning a panic into an error that says `what` panicked.
+fn contained<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| bail!("{what} panicked: {}", panic_message(p.as_ref())))
+}
+
+/// [`optimized_model`], and how many of Tern's fused ops it holds.
+fn optimize(bundle: &Bundle, options: &LoadOptions) -> Result<(TypedModel, usize)> {
+    let limits = Limits { memory_budget: options.memory_budget, ..Limits::default() };
+    validate::check(bundle, &limits).context("the graph fails the device's checks")?;
+    contained("tract, building the plan,", || optimize_checked(bundle, options))
+}
+
+/// [`optimize`] for a graph that passed the checks.
+fn optimize_checked(bundle: &Bundle, options: &LoadOptions) -> Result<(TypedModel, usize)> {
+    let compute = options.compute;
+    let mut fused = 0;
     // Before declutter: it moves depthwise layers channel-last only where
     // tract has a channel-last depthwise kernel.
     crate::kernels::ensure_registered();
@@ -100,8 +218,8 @@ pub fn optimized_model(bundle: &Bundle, compute: Compute) -> Result<TypedModel> 
     fold_constants(&mut typed).context("tract cannot fold the graph's constants")?;
     let model = match compute {
         Compute::F32 => {
-            if !tract_kernels_only() {
-                crate::fused::rewrite(&mut typed).context("cannot fuse the convolutions")?;
+            if options.kernels == Kernels::Tern {
+                fused = crate::fused::rewrite(&mut typed).context("cannot fuse the convolutions")?;
             }
             typed.into_optimized().context("tract cannot optimise the graph")?
         }
@@ -120,21 +238,7 @@ pub fn optimized_model(bundle: &Bundle, compute: Compute) -> Result<TypedModel> 
     if input != want || outputs.iter().any(|&dt| dt != want) {
         bail!("the {compute} plan takes {input:?} and gives {outputs:?}, expected {want:?} throughout");
     }
-    Ok(model)
-}
-
-static TRACT_KERNELS_ONLY: AtomicBool = AtomicBool::new(false);
-
-/// Makes every plan loaded afterwards in this process run tract's own
-/// kernels only, without Tern's fused ops ([`crate::fused`]): to
-/// measure one against the other (`tern-device bench --tract-kernels`).
-pub fn use_tract_kernels_only(only: bool) {
-    TRACT_KERNELS_ONLY.store(only, Ordering::Relaxed);
-}
-
-/// Whether [`use_tract_kernels_only`] is in force.
-pub fn tract_kernels_only() -> bool {
-    TRACT_KERNELS_ONLY.load(Ordering::Relaxed)
+    Ok((model, fused))
 }
 
 /// Largest constant [`fold_constants`] makes, bytes.
@@ -200,39 +304,51 @@ fn check_f16_convertible(model: &TypedModel) -> Result<()> {
 /// A bundle ready to run: the manifest and an optimised tract plan.
 pub struct Classifier {
     manifest: Manifest,
-    compute: Compute,
-    plan: TypedSimpleState,
+    options: LoadOptions,
+    executor: Executor,
+    fused: usize,
+    plan: Arc<TypedSimplePlan>,
+    /// The plan's state; `None` once an inference panicked and no fresh
+    /// state could be made.
+    state: Option<TypedSimpleState>,
 }
 
 impl Classifier {
     /// Loads, verifies (manifest, checksum, shapes) and optimises the bundle
     /// at `path`.
-    pub fn load(path: &Path) -> Result<Classifier> {
-        Classifier::load_with(path, Compute::F32)
-    }
-
-    /// [`Classifier::load`], computing in `compute`.
-    pub fn load_with(path: &Path, compute: Compute) -> Result<Classifier> {
+    pub fn load(path: &Path, options: &LoadOptions) -> Result<Classifier> {
         let bundle = Bundle::read(path).with_context(|| format!("cannot load bundle {}", path.display()))?;
-        let what = if compute == Compute::F32 { String::new() } else { format!(" for {compute}") };
-        Classifier::from_bundle_with(bundle, compute)
+        let what = if options.compute == Compute::F32 { String::new() } else { format!(" for {}", options.compute) };
+        Classifier::from_bundle(bundle, options)
             .with_context(|| format!("cannot prepare bundle {}{what}", path.display()))
     }
 
     /// Prepares an already validated bundle.
-    pub fn from_bundle(bundle: Bundle) -> Result<Classifier> {
-        Classifier::from_bundle_with(bundle, Compute::F32)
+    pub fn from_bundle(bundle: Bundle, options: &LoadOptions) -> Result<Classifier> {
+        let executor = options.executor()?;
+        let (model, fused) = optimize(&bundle, options)?;
+        let (plan, state) = contained("tract, making the plan runnable,", || {
+            let plan = model.into_runnable()?;
+            let state = TypedSimpleState::new(&plan)?;
+            Ok((plan, state))
+        })?;
+        Ok(Classifier { manifest: bundle.manifest, options: *options, executor, fused, plan, state: Some(state) })
     }
 
-    /// Prepares an already validated bundle, computing in `compute`.
-    pub fn from_bundle_with(bundle: Bundle, compute: Compute) -> Result<Classifier> {
-        let plan = optimized_model(&bundle, compute)?.into_runnable()?.spawn()?;
-        Ok(Classifier { manifest: bundle.manifest, compute, plan })
+    /// How the bundle was loaded.
+    pub fn options(&self) -> &LoadOptions {
+        &self.options
     }
 
     /// The float type the plan computes in.
     pub fn compute(&self) -> Compute {
-        self.compute
+        self.options.compute
+    }
+
+    /// How many of Tern's fused ops ([`crate::fused`]) replaced tract's in
+    /// the plan (0 with [`Kernels::Tract`], or where they do not run).
+    pub fn fused_ops(&self) -> usize {
+        self.fused
     }
 
     /// The bundle's manifest.
@@ -240,18 +356,49 @@ impl Classifier {
         &self.manifest
     }
 
+    /// The model input for `image`, by the bundle's own preprocessing
+    /// (`[1, 3, H, W]` values).
+    pub fn preprocess(&self, image: &DynamicImage) -> Vec<f32> {
+        preprocess(image, &self.manifest.preprocessing)
+    }
+
+    /// Classifies a decoded image: the bundle's preprocessing, then the plan.
+    pub fn classify(&mut self, image: &DynamicImage) -> Result<Output> {
+        let input = self.preprocess(image);
+        self.run(&input)
+    }
+
+    /// [`Classifier::classify`] for an RGB frame (e.g. from a camera).
+    pub fn classify_rgb8(&mut self, frame: &RgbImage) -> Result<Output> {
+        let input = preprocess_rgb8(frame, &self.manifest.preprocessing);
+        self.run(&input)
+    }
+
     /// Runs one preprocessed input (`[1, 3, H, W]` values, as made by
-    /// [`tern_model_format::preprocess::preprocess`]).
+    /// [`Classifier::preprocess`]).
     pub fn run(&mut self, input: &[f32]) -> Result<Output> {
         let shape = self.manifest.preprocessing.input_shape();
         if input.len() != shape.iter().product::<usize>() {
             bail!("input has {} values, the model takes {shape:?}", input.len());
         }
         let mut tensor = Tensor::from_shape(&shape, input)?;
-        if self.compute != Compute::F32 {
-            tensor = tensor.cast_to_dt(self.compute.datum_type())?.into_owned();
+        if self.options.compute != Compute::F32 {
+            tensor = tensor.cast_to_dt(self.options.compute.datum_type())?.into_owned();
         }
-        let out = self.plan.run(tvec!(tensor.into()))?;
+        let Some(state) = self.state.as_mut() else {
+            bail!("this plan panicked in an earlier inference and could not be restarted; load the bundle again");
+        };
+        let executor = self.executor.clone();
+        let out = catch_unwind(AssertUnwindSafe(|| multithread_tract_scope(executor, || state.run(tvec!(tensor.into())))));
+        let out = match out {
+            Ok(r) => r?,
+            Err(p) => {
+                // The state may hold half-written buffers: never reuse it.
+                let plan = &self.plan;
+                self.state = catch_unwind(AssertUnwindSafe(|| TypedSimpleState::new(plan).ok())).ok().flatten();
+                bail!("tract panicked during the inference: {}", panic_message(p.as_ref()));
+            }
+        };
         let vec = |i: usize| -> Result<Vec<f32>> {
             let t = out.get(i).context("missing output")?.cast_to::<f32>()?;
             Ok(t.to_plain_array_view::<f32>()?.iter().copied().collect())
@@ -274,6 +421,11 @@ impl Classifier {
     /// The `k` most probable labels, best first.
     pub fn top_k(&self, out: &Output, k: usize) -> Vec<Ranked> {
         rank(&self.manifest, out, k)
+    }
+
+    /// One probability per label, in label order (see [`label_probabilities`]).
+    pub fn label_probabilities(&self, out: &Output) -> Vec<f32> {
+        label_probabilities(&self.manifest, out)
     }
 }
 

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use tern_model_format::dataset::Sample;
-use tern_model_format::preprocess::{open_image, preprocess};
+use tern_model_format::preprocess::open_image;
 
-use crate::engine::label_probabilities;
 use crate::Classifier;
 
 /// The result for one image.
@@ -40,7 +39,6 @@ pub fn evaluate(
     samples: &[Sample],
     mut each: impl FnMut(&ImageResult),
 ) -> Result<(Vec<ImageResult>, Vec<(PathBuf, String)>)> {
-    let pre = clf.manifest().preprocessing;
     let mut results = Vec::with_capacity(samples.len());
     let mut skipped = Vec::new();
     for s in samples {
@@ -51,8 +49,8 @@ pub fn evaluate(
                 continue;
             }
         };
-        let out = clf.run(&preprocess(&img, &pre))?;
-        let probabilities = label_probabilities(clf.manifest(), &out);
+        let out = clf.classify(&img)?;
+        let probabilities = clf.label_probabilities(&out);
         // Ties go to the lower index, as in `engine::rank`.
         let predicted = probabilities.iter().enumerate().fold(0, |b, (k, v)| if *v > probabilities[b] { k } else { b });
         let r = ImageResult { path: s.path.clone(), label: s.label, predicted, probabilities };

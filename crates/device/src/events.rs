@@ -1,6 +1,8 @@
 //! What the loop tells the world: events, and the sinks that receive them
 //! (JSON lines on stdout, MQTT, GPIO pins, tests).
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -9,14 +11,33 @@ use serde::Serialize;
 
 use crate::smooth::Decision;
 
+/// `text` for a terminal: every control character (C0 such as ESC, CR and
+/// newline; DEL; C1) written as `\u{..}`, so that a label from a bundle or a
+/// file name from a folder cannot move the cursor, recolour or retitle the
+/// terminal, or forge a log line. Other text is unchanged.
+pub fn escape_for_terminal(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One event. Serialised as a JSON object with an `event` field naming the
-/// kind (`started`, `label`, `frame`, `stats`, `source`, `reload`,
-/// `stopped`).
+/// kind (`started`, `label`, `frame`, `stats`, `slow-frame`, `source`,
+/// `reload`, `stopped`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Event {
@@ -87,6 +108,20 @@ pub enum Event {
         latency_ms_max: f64,
         /// Mean time from capture to decision, ms.
         age_ms_mean: f64,
+        /// Frames in the period whose inference was slower than the
+        /// watchdog's bound (`slow-frame` events).
+        slow: u64,
+    },
+    /// One inference took longer than the watchdog's bound (`--slow-ms`).
+    SlowFrame {
+        /// Wall-clock time, ms since the epoch.
+        ts_ms: u64,
+        /// The frame.
+        frame: u64,
+        /// Its preprocessing + inference time, ms.
+        latency_ms: f64,
+        /// The bound, ms.
+        limit_ms: f64,
     },
     /// Something happened to the frame source.
     Source {
@@ -204,5 +239,17 @@ impl Collect {
                 _ => None,
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_terminals() {
+        assert!(matches!(escape_for_terminal("chat ünï 猫"), Cow::Borrowed("chat ünï 猫")));
+        assert_eq!(escape_for_terminal("\u{1b}]0;pwned\u{7}cat\r\n"), "\\u{1b}]0;pwned\\u{7}cat\\u{d}\\u{a}");
+        assert_eq!(escape_for_terminal("a\u{9b}31mb\u{7f}"), "a\\u{9b}31mb\\u{7f}");
     }
 }

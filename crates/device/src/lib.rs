@@ -17,9 +17,10 @@ pub mod reload;
 pub mod runloop;
 pub mod smooth;
 pub mod source;
+pub mod trust;
 pub mod evaluate;
 pub mod npy;
 pub mod perf;
 pub mod fused;
 
-pub use engine::{Classifier, Output, Ranked};
+pub use engine::{Classifier, Kernels, LoadOptions, Output, Ranked};

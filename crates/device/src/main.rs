@@ -30,6 +30,8 @@ enum Command {
     /// Measure a bundle: cold start, latency percentiles, throughput, peak
     /// memory, size; optionally a per-operator profile.
     Bench(cmd::bench::Args),
+    /// Check Tern's fused kernels on this CPU against plain reference loops.
+    Selftest(cmd::selftest::Args),
 }
 
 fn main() -> ExitCode {
@@ -41,11 +43,12 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a),
         Command::Cameras(a) => cmd::cameras::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Selftest(a) => cmd::selftest::run(a),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", tern_device::events::escape_for_terminal(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -11,25 +11,9 @@ use tern_model_format::{onnx, Bundle};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::OpState;
 use tract_onnx::tract_core::plan::{eval, EvalContext};
-use tract_onnx::tract_core::tract_linalg::multithread::{set_default_executor, Executor};
+use tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope;
 
-use crate::engine::{optimized_model, Compute};
-
-/// Makes every tract plan run in this process use `threads` threads for its
-/// matrix products, depthwise convolutions and element-wise kernels: one
-/// thread is tract's single-threaded executor, more is a rayon pool of that
-/// size (tract-linalg's `multithread-mm`).
-///
-/// Call it before loading a bundle; plans read the default executor when
-/// they run.
-pub fn use_threads(threads: usize) -> Result<()> {
-    match threads {
-        0 => bail!("--threads must be at least 1"),
-        1 => set_default_executor(Executor::SingleThread),
-        n => set_default_executor(Executor::multithread(n)),
-    }
-    Ok(())
-}
+use crate::engine::{optimized_model, LoadOptions};
 
 /// The peak resident set size of this process (`VmHWM`), in bytes, where
 /// the kernel reports it (Linux).
@@ -124,8 +108,8 @@ pub enum LayerKind {
 }
 
 impl LayerKind {
-    /// The kind's name in reports (`scripts/bench-compare.sh` and
-    /// `tests/python/ort_bench.py` use the same names).
+    /// The kind's name in reports (`bench/compare.sh` and
+    /// `bench/ort_bench.py` use the same names).
     pub fn name(self) -> &'static str {
         match self {
             LayerKind::Pointwise => "pointwise 1x1",
@@ -241,14 +225,16 @@ pub fn group_by_kind<'a>(
 /// Profiles the optimised plan of `bundle_path`, computing in `compute`, on
 /// `input`: every node is timed around its own evaluation, over `iters` runs
 /// after one warm-up.
-pub fn profile(bundle_path: &Path, compute: Compute, input: &[f32], iters: usize) -> Result<Profile> {
+pub fn profile(bundle_path: &Path, options: &LoadOptions, input: &[f32], iters: usize) -> Result<Profile> {
     let bundle = Bundle::read(bundle_path).with_context(|| format!("cannot load bundle {}", bundle_path.display()))?;
     let m = &bundle.manifest;
     let shape = m.preprocessing.input_shape();
     if input.len() != shape.iter().product::<usize>() {
         bail!("input has {} values, the model takes {shape:?}", input.len());
     }
-    let plan = optimized_model(&bundle, compute)?.into_runnable()?;
+    let compute = options.compute;
+    let executor = options.executor()?;
+    let plan = optimized_model(&bundle, options)?.into_runnable()?;
     let mut state = plan.spawn()?;
     let tensor: TValue = Tensor::from_shape(&shape, input)?.cast_to_dt(compute.datum_type())?.into_owned().into();
     let mut times: HashMap<usize, Duration> = HashMap::new();
@@ -265,7 +251,7 @@ pub fn profile(bundle_path: &Path, compute: Compute, input: &[f32], iters: usize
             }
             r
         };
-        state.run_plan_with_eval(tvec!(tensor.clone()), &mut timer)?;
+        multithread_tract_scope(executor.clone(), || state.run_plan_with_eval(tvec!(tensor.clone()), &mut timer))?;
     }
     let graph = plan.model();
     let per_run = |d: Duration| d.as_secs_f64() * 1e3 / iters.max(1) as f64;

@@ -1,8 +1,10 @@
 //! Hot reload: a background thread watches the bundle file; when it is
 //! replaced (typically by an atomic rename), the new bundle is loaded,
-//! verified (checksum, shapes, a trial inference, the caller's checks) and
-//! handed to the loop, which swaps it in between two frames. A bundle that
-//! fails any check is refused and the running one stays.
+//! verified (checksum, shapes, the signature when keys are trusted, a trial
+//! inference, the caller's checks) and handed to the loop, which swaps it
+//! in between two frames. A bundle that fails any check, or whose loading
+//! panics, is refused and the running one stays; the thread goes on
+//! watching.
 //!
 //! The file is polled (one `stat` per interval) rather than watched with
 //! inotify: an atomic rename replaces the inode, which a poll of (inode,
@@ -19,7 +21,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use tern_model_format::Manifest;
 
-use crate::engine::{Classifier, Compute};
+use crate::engine::{Classifier, LoadOptions};
+use crate::trust::Trust;
 
 /// Extra checks a new bundle must pass (e.g. that the GPIO labels exist).
 pub type Check = Box<dyn Fn(&Manifest) -> Result<()> + Send>;
@@ -66,14 +69,10 @@ pub struct Reloader {
 }
 
 impl Reloader {
-    /// Starts watching `path`, checking every `interval`. The file as it
-    /// is now counts as already loaded.
-    pub fn spawn(path: &Path, interval: Duration, check: Check) -> Result<Reloader> {
-        Reloader::spawn_with(path, interval, Compute::F32, check)
-    }
-
-    /// [`Reloader::spawn`], loading new bundles to compute in `compute`.
-    pub fn spawn_with(path: &Path, interval: Duration, compute: Compute, check: Check) -> Result<Reloader> {
+    /// Starts watching `path`, checking every `interval`; new bundles are
+    /// loaded with `options` and must pass `trust`. The file as it is now
+    /// counts as already loaded.
+    pub fn spawn(path: &Path, interval: Duration, options: LoadOptions, trust: Trust, check: Check) -> Result<Reloader> {
         let (tx, rx) = channel();
         let stop = Arc::new(AtomicBool::new(false));
         let mut seen = stamp(path);
@@ -90,9 +89,19 @@ impl Reloader {
                         continue;
                     }
                     seen = now;
-                    let result = match load_checked(&p, compute, &check) {
-                        Ok((classifier, detail)) => Reloaded::Ready { classifier: Box::new(classifier), detail },
-                        Err(e) => Reloaded::Refused { detail: format!("{e:#}") },
+                    // A panic anywhere in one attempt refuses that bundle;
+                    // the thread goes on watching for the next.
+                    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_checked(&p, &options, &trust, &check)));
+                    let result = match attempt {
+                        Ok(Ok((classifier, detail))) => Reloaded::Ready { classifier: Box::new(classifier), detail },
+                        Ok(Err(e)) => Reloaded::Refused { detail: format!("{e:#}") },
+                        Err(panic) => Reloaded::Refused {
+                            detail: format!(
+                                "{}: loading it panicked: {}",
+                                p.display(),
+                                crate::engine::panic_message(panic.as_ref())
+                            ),
+                        },
                     };
                     if tx.send(result).is_err() {
                         return;
@@ -126,11 +135,11 @@ impl Drop for Reloader {
     }
 }
 
-/// Loads `path` to compute in `compute` and runs every check: the bundle's
-/// own (manifest, checksum, graph shapes), a trial inference on a blank
-/// input, then `check`.
-pub fn load_checked(path: &Path, compute: Compute, check: &Check) -> Result<(Classifier, String)> {
-    let mut c = Classifier::load_with(path, compute)?;
+/// Loads `path` with `options` and runs every check: the bundle's own
+/// (manifest, checksum, graph shapes), its signature against `trust`, a
+/// trial inference on a blank input, then `check`.
+pub fn load_checked(path: &Path, options: &LoadOptions, trust: &Trust, check: &Check) -> Result<(Classifier, String)> {
+    let (mut c, signer) = trust.load(path, options)?;
     let n: usize = c.manifest().preprocessing.input_shape().iter().product();
     let out = c.run(&vec![0.0; n]).with_context(|| format!("{}: trial inference failed", path.display()))?;
     if out.probabilities.iter().any(|p| !p.is_finite()) {
@@ -138,8 +147,9 @@ pub fn load_checked(path: &Path, compute: Compute, check: &Check) -> Result<(Cla
     }
     check(c.manifest()).with_context(|| format!("{} does not fit this configuration", path.display()))?;
     let m = c.manifest();
+    let signed = signer.map(|k| format!(", signed by {}", k.describe())).unwrap_or_default();
     let detail = format!(
-        "{} ({}, {} labels, graph {})",
+        "{} ({}, {} labels, graph {}{signed})",
         path.display(),
         m.architecture.backbone,
         m.labels.len(),

@@ -17,10 +17,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use tern_model_format::preprocess::preprocess_rgb8;
 
-use crate::engine::{label_probabilities, Classifier};
-use crate::events::{now_ms, Event, Sink};
+use crate::engine::Classifier;
+use crate::events::{escape_for_terminal, now_ms, Event, Sink};
 use crate::reload::{sleep_unless, Reloaded, Reloader};
 use crate::smooth::{argmax, Gate, Hysteresis, Smoother, Smoothing};
 use crate::source::{Frame, FrameSource, SourceError};
@@ -63,6 +62,9 @@ pub struct LoopOptions {
     /// Also write a human-readable line to stderr for source, reload and
     /// stats events.
     pub log: bool,
+    /// An inference (preprocessing + plan) slower than this is reported
+    /// by a `slow-frame` event and counted (`None`: no watchdog).
+    pub slow: Option<Duration>,
 }
 
 impl Default for LoopOptions {
@@ -76,6 +78,44 @@ impl Default for LoopOptions {
             frame_events: false,
             reopen: Backoff::default(),
             log: false,
+            slow: None,
+        }
+    }
+}
+
+/// Why a loop stopped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StopReason {
+    /// The caller's stop flag was set (SIGINT, SIGTERM).
+    #[default]
+    Stopped,
+    /// `max_frames` frames were processed.
+    FrameLimit,
+    /// A finite source has no more frames.
+    SourceEnded,
+    /// The source was lost and every allowed reopen attempt failed.
+    SourceGaveUp {
+        /// Failed reopen attempts.
+        attempts: u32,
+    },
+}
+
+impl StopReason {
+    /// Whether the loop stopped on a failure rather than by design.
+    pub fn is_failure(&self) -> bool {
+        matches!(self, StopReason::SourceGaveUp { .. })
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::Stopped => f.write_str("stopped"),
+            StopReason::FrameLimit => f.write_str("frame limit reached"),
+            StopReason::SourceEnded => f.write_str("the source ended"),
+            StopReason::SourceGaveUp { attempts } => {
+                write!(f, "the source was lost and {attempts} reopen attempts failed")
+            }
         }
     }
 }
@@ -99,10 +139,12 @@ pub struct Summary {
     pub refused_reloads: u64,
     /// Frames whose inference failed.
     pub failed_frames: u64,
+    /// Frames whose inference took longer than [`LoopOptions::slow`].
+    pub slow_frames: u64,
     /// Label events emitted.
     pub label_events: u64,
     /// Why the loop stopped.
-    pub reason: String,
+    pub reason: StopReason,
 }
 
 #[derive(Default)]
@@ -110,7 +152,7 @@ struct Shared {
     frames: VecDeque<Frame>,
     notes: Vec<Event>,
     /// Set when the capture thread has finished, with the reason.
-    done: Option<String>,
+    done: Option<StopReason>,
     captured: u64,
     dropped: u64,
     bad_frames: u64,
@@ -199,7 +241,7 @@ where
     let mut last_report = Instant::now();
     let reason = loop {
         if stop.load(Ordering::Relaxed) {
-            break "stopped".to_owned();
+            break StopReason::Stopped;
         }
         let (frame, notes, done) = {
             let mut s = slot.lock();
@@ -235,7 +277,7 @@ where
             }
         }
         if opts.max_frames.is_some_and(|m| l.summary.frames >= m) {
-            break "frame limit reached".to_owned();
+            break StopReason::FrameLimit;
         }
         if let Some(d) = done {
             break d;
@@ -253,8 +295,13 @@ where
     l.summary.bad_frames = s.bad_frames;
     l.summary.reopens = s.reopens;
     drop(s);
-    l.summary.reason = reason.clone();
-    let stopped = Event::Stopped { ts_ms: now_ms(), frames: l.summary.frames, dropped: l.summary.dropped, reason };
+    l.summary.reason = reason;
+    let stopped = Event::Stopped {
+        ts_ms: now_ms(),
+        frames: l.summary.frames,
+        dropped: l.summary.dropped,
+        reason: reason.to_string(),
+    };
     l.emit(sinks, stopped);
     for sink in sinks.iter_mut() {
         if let Err(e) = sink.finish() {
@@ -287,13 +334,12 @@ impl Looper<'_> {
 
     fn frame(&mut self, sinks: &mut [&mut dyn Sink], clf: &mut Classifier, frame: Frame) {
         let t0 = Instant::now();
-        let pre = clf.manifest().preprocessing;
-        let input = preprocess_rgb8(&frame.image, &pre);
-        let out = match clf.run(&input) {
+        let out = match clf.classify_rgb8(&frame.image) {
             Ok(o) => o,
             Err(e) => {
                 self.summary.failed_frames += 1;
-                eprintln!("tern-device: warning: frame {}: inference failed: {e:#}", frame.index);
+                let e = format!("{e:#}");
+                eprintln!("tern-device: warning: frame {}: inference failed: {}", frame.index, escape_for_terminal(&e));
                 return;
             }
         };
@@ -301,8 +347,15 @@ impl Looper<'_> {
         let age = frame.captured.elapsed();
         self.summary.frames += 1;
         self.period.add(latency, age);
+        if let Some(limit) = self.opts.slow.filter(|l| latency > *l) {
+            self.summary.slow_frames += 1;
+            self.period.slow += 1;
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let e = Event::SlowFrame { ts_ms: now_ms(), frame: frame.index, latency_ms: ms(latency), limit_ms: ms(limit) };
+            self.emit(sinks, e);
+        }
         let labels = &clf.manifest().labels;
-        let probs = label_probabilities(clf.manifest(), &out);
+        let probs = clf.label_probabilities(&out);
         let smoothed = self.smoother.update(&probs);
         let d = self.gate.update(&smoothed);
         for s in sinks.iter_mut() {
@@ -371,20 +424,25 @@ impl Looper<'_> {
     }
 }
 
+/// The human-readable line of an event, for stderr; file names, labels and
+/// details are escaped ([`escape_for_terminal`]).
 fn log_line(e: &Event) {
-    match e {
-        Event::Source { state, detail, .. } => eprintln!("tern-device: source {state}: {detail}"),
-        Event::Reload { ok, detail, .. } => {
-            eprintln!("tern-device: reload {}: {detail}", if *ok { "done" } else { "refused" })
-        }
-        Event::Stats { fps, latency_ms_mean, latency_ms_max, dropped, frames, .. } => eprintln!(
-            "tern-device: {fps:.1} fps, latency {latency_ms_mean:.1} ms mean / {latency_ms_max:.1} ms max, \
-             {frames} frames, {dropped} dropped"
+    let line = match e {
+        Event::Source { state, detail, .. } => format!("source {state}: {detail}"),
+        Event::Reload { ok, detail, .. } => format!("reload {}: {detail}", if *ok { "done" } else { "refused" }),
+        Event::Stats { fps, latency_ms_mean, latency_ms_max, dropped, frames, slow, .. } => format!(
+            "{fps:.1} fps, latency {latency_ms_mean:.1} ms mean / {latency_ms_max:.1} ms max, \
+             {frames} frames, {dropped} dropped{}",
+            if *slow > 0 { format!(", {slow} slow") } else { String::new() }
         ),
-        Event::Started { source, bundle, .. } => eprintln!("tern-device: running {bundle} on {source}"),
-        Event::Stopped { reason, frames, .. } => eprintln!("tern-device: stopped after {frames} frames: {reason}"),
-        Event::Label { .. } | Event::Frame { .. } => {}
-    }
+        Event::SlowFrame { frame, latency_ms, limit_ms, .. } => {
+            format!("warning: frame {frame}: inference took {latency_ms:.1} ms, more than {limit_ms:.1} ms")
+        }
+        Event::Started { source, bundle, .. } => format!("running {bundle} on {source}"),
+        Event::Stopped { reason, frames, .. } => format!("stopped after {frames} frames: {reason}"),
+        Event::Label { .. } | Event::Frame { .. } => return,
+    };
+    eprintln!("tern-device: {}", escape_for_terminal(&line));
 }
 
 /// Latency figures of one report period.
@@ -393,6 +451,7 @@ struct Period {
     latency_sum: Duration,
     latency_max: Duration,
     age_sum: Duration,
+    slow: u64,
     captured_before: u64,
     dropped_before: u64,
 }
@@ -404,6 +463,7 @@ impl Period {
             latency_sum: Duration::ZERO,
             latency_max: Duration::ZERO,
             age_sum: Duration::ZERO,
+            slow: 0,
             captured_before: 0,
             dropped_before: 0,
         }
@@ -428,6 +488,7 @@ impl Period {
             latency_ms_mean: ms(self.latency_sum) / n,
             latency_ms_max: ms(self.latency_max),
             age_ms_mean: ms(self.age_sum) / n,
+            slow: self.slow,
         };
         *self = Period { captured_before: captured, dropped_before: dropped, ..Period::new() };
         e
@@ -454,7 +515,7 @@ fn capture_thread<F>(
         }
     };
     let source_event = |state: &str, detail: String| Event::Source { ts_ms: now_ms(), state: state.into(), detail };
-    let finish = |reason: String| {
+    let finish = |reason: StopReason| {
         slot.lock().done = Some(reason);
         slot.ready.notify_all();
     };
@@ -477,7 +538,7 @@ fn capture_thread<F>(
             }
             Ok(None) => {
                 slot.note(source_event("ended", format!("{} has no more frames", src.describe())));
-                finish("the source ended".into());
+                finish(StopReason::SourceEnded);
                 return;
             }
             Err(SourceError::BadFrame(e)) => {
@@ -512,7 +573,7 @@ fn capture_thread<F>(
                                     "gave-up",
                                     format!("{}: {e:#}; {failures} reopen attempts failed", src.describe()),
                                 ));
-                                finish(format!("the source was lost and {failures} reopen attempts failed"));
+                                finish(StopReason::SourceGaveUp { attempts: failures });
                                 return;
                             }
                             delay = (delay * 2).min(backoff.max);

@@ -172,6 +172,9 @@ impl FrameSource for ImageFiles {
     }
 }
 
+/// Widest number of a sequence pattern (`%020d`: every u64 fits).
+pub const MAX_SEQUENCE_WIDTH: usize = 20;
+
 /// Replaces the one `%d` / `%0Nd` in `pattern` with `n`.
 fn format_number(pattern: &str, n: u64) -> Result<String> {
     let start = pattern.find('%').ok_or_else(|| anyhow!("sequence pattern {pattern:?} has no %d or %05d"))?;
@@ -181,7 +184,10 @@ fn format_number(pattern: &str, n: u64) -> Result<String> {
     let width: usize = if spec.is_empty() {
         0
     } else if spec.starts_with('0') && spec.len() > 1 {
-        spec[1..].parse().map_err(|_| anyhow!("sequence pattern {pattern:?}: bad width {spec:?}"))?
+        match spec[1..].parse() {
+            Ok(w) if w <= MAX_SEQUENCE_WIDTH => w,
+            _ => bail!("sequence pattern {pattern:?}: width {spec:?} is not a number up to {MAX_SEQUENCE_WIDTH}"),
+        }
     } else {
         bail!("sequence pattern {pattern:?}: expected %d or %0Nd")
     };
@@ -565,7 +571,8 @@ mod tests {
     fn sequence_patterns() {
         assert_eq!(format_number("f/%05d.png", 42).unwrap(), "f/00042.png");
         assert_eq!(format_number("f%d.jpg", 7).unwrap(), "f7.jpg");
-        for bad in ["f.png", "f%5d.png", "%d%d", "f%x"] {
+        assert_eq!(format_number("%020d", u64::MAX).unwrap(), "18446744073709551615");
+        for bad in ["f.png", "f%5d.png", "%d%d", "f%x", "f%021d.png", "f%099999999999d.png", "f%0999999999999999999999d"] {
             assert!(format_number(bad, 1).is_err(), "{bad}");
         }
     }

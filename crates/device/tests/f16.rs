@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 use common::*;
 use prost::Message;
 use tern_device::engine::Compute;
-use tern_device::Classifier;
+use tern_device::{Classifier, LoadOptions};
 use tern_model_format::manifest::Precision;
 use tern_model_format::preprocess::{open_image, preprocess};
 use tern_model_format::quantize::{calibration_tensors, quantize_graph, Options, Range, Scheme};
@@ -86,7 +86,7 @@ fn probabilities(bundle: &Path, compute: Compute, inputs: &[Vec<f32>], threads: 
             .chunks(chunk)
             .map(|part| {
                 s.spawn(move || {
-                    let mut clf = Classifier::load_with(bundle, compute).unwrap();
+                    let mut clf = Classifier::load(bundle, &LoadOptions::default().compute(compute)).unwrap();
                     assert_eq!(clf.compute(), compute);
                     part.iter().map(|x| clf.run(x).unwrap().probabilities).collect::<Vec<_>>()
                 })
@@ -210,11 +210,11 @@ fn an_int8_weights_bundle_runs_in_f16_from_the_command_line() {
 fn a_static_int8_bundle_is_refused_in_f16_with_a_clear_error() {
     let path = dir().join("imagenet-int8-static.onnx");
     quantized(Scheme::Static, &path);
-    let e = Classifier::load_with(&path, Compute::F16).err().expect("static int8 must be refused in f16");
+    let e = Classifier::load(&path, &LoadOptions::default().compute(Compute::F16)).err().expect("static int8 must be refused in f16");
     let msg = format!("{e:#}");
     assert!(msg.contains(&path.display().to_string()) && msg.contains("f16 needs a float graph"), "{msg}");
     // The same file runs in f32.
-    let mut clf = Classifier::load(&path).unwrap();
+    let mut clf = Classifier::load(&path, &LoadOptions::default()).unwrap();
     let n = clf.manifest().preprocessing.input_shape().iter().product();
     let out = clf.run(&vec![0.0; n]).unwrap();
     assert_eq!(out.probabilities.len(), 1000);

@@ -23,7 +23,7 @@ use std::sync::OnceLock;
 
 use common::*;
 use prost::Message;
-use tern_device::Classifier;
+use tern_device::{Classifier, LoadOptions};
 use tern_model_format::manifest::Precision;
 use tern_model_format::preprocess::{open_image, preprocess};
 use tern_model_format::quantize::{calibration_tensors, quantize_graph, Calibrator, Method, Options, Range, Scheme};
@@ -161,7 +161,7 @@ fn int8(scheme: Scheme) -> &'static Path {
 
 /// Top-1 index of every photo with tract.
 fn tract_top1(bundle: &Path, photos: &[HeldOut]) -> Vec<usize> {
-    let mut clf = Classifier::load(bundle).unwrap();
+    let mut clf = Classifier::load(bundle, &LoadOptions::default()).unwrap();
     photos
         .iter()
         .map(|h| {

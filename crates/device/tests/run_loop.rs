@@ -15,10 +15,10 @@ use embedded_hal_mock::eh1::digital::{Mock as PinMock, State, Transaction};
 use support::*;
 use tern_device::actions::{GpioOutputs, PinRule};
 use tern_device::events::{Collect, Event, Sink};
-use tern_device::runloop::{self, Backoff, LoopOptions, Summary};
+use tern_device::runloop::{self, Backoff, LoopOptions, StopReason, Summary};
 use tern_device::smooth::{Decision, Hysteresis, Smoothing};
 use tern_device::source::{FrameSource, LoseAfter, Synthetic};
-use tern_device::Classifier;
+use tern_device::{Classifier, LoadOptions};
 
 fn opts(smoothing: Smoothing) -> LoopOptions {
     LoopOptions {
@@ -30,12 +30,13 @@ fn opts(smoothing: Smoothing) -> LoopOptions {
         frame_events: true,
         reopen: Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(40), attempts: Some(10) },
         log: false,
+        slow: None,
     }
 }
 
 fn run_synthetic(script: &str, o: &LoopOptions, sinks: &mut [&mut dyn Sink]) -> Summary {
     let (_dir, bundle) = color_bundle_in_tempdir();
-    let clf = Classifier::load(&bundle).unwrap();
+    let clf = Classifier::load(&bundle, &LoadOptions::default()).unwrap();
     let src = Synthetic::parse(script).unwrap();
     let stop = AtomicBool::new(false);
     runloop::run(move || Ok(Box::new(src) as Box<dyn FrameSource>), clf, "colour.onnx", o, sinks, None, &stop).unwrap()
@@ -50,7 +51,7 @@ fn synthetic_source_gives_the_expected_labels() {
     let mut events = Collect::default();
     let s = run_synthetic("red*5,green*5,blue*5", &opts(Smoothing::None), &mut [&mut events]);
     assert_eq!(s.frames, 15);
-    assert_eq!(s.reason, "the source ended");
+    assert_eq!(s.reason, StopReason::SourceEnded);
     let per_frame = events.active_per_frame();
     let want: Vec<&str> = ["red"; 5].iter().chain(&["green"; 5]).chain(&["blue"; 5]).copied().collect();
     assert_eq!(per_frame, some(&want));
@@ -143,7 +144,7 @@ impl Sink for Slow {
 #[test]
 fn the_newest_frame_wins_when_inference_is_slower_than_capture() {
     let (_dir, bundle) = color_bundle_in_tempdir();
-    let clf = Classifier::load(&bundle).unwrap();
+    let clf = Classifier::load(&bundle, &LoadOptions::default()).unwrap();
     // 400 fps of capture, ~20 ms per decision: most frames must be dropped,
     // and the frames processed must be fresh.
     let src = Synthetic::parse("red*20,blue*20").unwrap().repeat(true).fps(Some(400.0));
@@ -185,7 +186,7 @@ fn the_newest_frame_wins_when_inference_is_slower_than_capture() {
 #[test]
 fn a_lost_source_is_reopened_with_back_off_and_the_loop_goes_on() {
     let (_dir, bundle) = color_bundle_in_tempdir();
-    let clf = Classifier::load(&bundle).unwrap();
+    let clf = Classifier::load(&bundle, &LoadOptions::default()).unwrap();
     let src = Synthetic::parse("green*30").unwrap().lose_after(Some(LoseAfter { frames: 10, failed_reopens: 3 }));
     let mut events = Collect::default();
     let stop = AtomicBool::new(false);
@@ -226,7 +227,7 @@ fn a_lost_source_is_reopened_with_back_off_and_the_loop_goes_on() {
 #[test]
 fn a_source_that_stays_lost_is_given_up_after_the_attempts() {
     let (_dir, bundle) = color_bundle_in_tempdir();
-    let clf = Classifier::load(&bundle).unwrap();
+    let clf = Classifier::load(&bundle, &LoadOptions::default()).unwrap();
     let src = Synthetic::parse("red*30").unwrap().lose_after(Some(LoseAfter { frames: 5, failed_reopens: 100 }));
     let mut o = opts(Smoothing::None);
     o.reopen.attempts = Some(3);
@@ -243,13 +244,14 @@ fn a_source_that_stays_lost_is_given_up_after_the_attempts() {
     )
     .unwrap();
     assert_eq!(s.frames, 5);
-    assert!(s.reason.contains("3 reopen attempts failed"), "{}", s.reason);
+    assert_eq!(s.reason, StopReason::SourceGaveUp { attempts: 3 });
+    assert!(s.reason.to_string().contains("3 reopen attempts failed"), "{}", s.reason);
 }
 
 #[test]
 fn a_source_that_cannot_open_is_an_error() {
     let (_dir, bundle) = color_bundle_in_tempdir();
-    let clf = Classifier::load(&bundle).unwrap();
+    let clf = Classifier::load(&bundle, &LoadOptions::default()).unwrap();
     let stop = AtomicBool::new(false);
     let err = runloop::run(
         || Err(anyhow::anyhow!("no such camera")),
@@ -370,4 +372,29 @@ fn camera_and_gpio_say_when_they_are_not_compiled_in() {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("without GPIO support"));
     }
+}
+
+#[test]
+fn the_watchdog_reports_and_counts_slow_inferences() {
+    let mut events = Collect::default();
+    // Every inference takes longer than a nanosecond; none takes an hour.
+    let fast = LoopOptions { slow: Some(Duration::from_secs(3600)), ..opts(Smoothing::None) };
+    let s = run_synthetic("red*3", &fast, &mut [&mut events]);
+    assert_eq!((s.frames, s.slow_frames), (3, 0));
+    let slow = LoopOptions { slow: Some(Duration::from_nanos(1)), report_every: Some(Duration::ZERO), ..opts(Smoothing::None) };
+    let mut events = Collect::default();
+    let s = run_synthetic("red*3", &slow, &mut [&mut events]);
+    assert_eq!((s.frames, s.slow_frames), (3, 3));
+    let flagged: Vec<u64> = events
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SlowFrame { frame, latency_ms, limit_ms, .. } if latency_ms > limit_ms => Some(*frame),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(flagged, [0, 1, 2]);
+    let counted: u64 = events.events.iter().map(|e| if let Event::Stats { slow, .. } = e { *slow } else { 0 }).sum();
+    assert_eq!(counted, 3);
+    assert!(Event::SlowFrame { ts_ms: 0, frame: 0, latency_ms: 2.0, limit_ms: 1.0 }.to_json().contains("\"event\":\"slow-frame\""));
 }

@@ -13,7 +13,7 @@ use tern_device::events::{Event, JsonLines, Sink};
 use tern_device::runloop::{self, LoopOptions};
 use tern_device::smooth::{Hysteresis, Smoothing};
 use tern_device::source::{FrameSource, Synthetic};
-use tern_device::Classifier;
+use tern_device::{Classifier, LoadOptions};
 
 const FRAMES: u64 = 10_000;
 const WARM_UP: u64 = 1_000;
@@ -48,7 +48,7 @@ impl Sink for Rss {
 #[test]
 fn ten_thousand_frames_with_flat_memory() {
     let (_dir, bundle) = color_bundle_in_tempdir();
-    let clf = Classifier::load(&bundle).unwrap();
+    let clf = Classifier::load(&bundle, &LoadOptions::default()).unwrap();
     let src = Synthetic::parse("red*40,green*40,blue*40").unwrap().size(160, 120).repeat(true).limit(Some(FRAMES));
     let opts = LoopOptions {
         smoothing: Smoothing::Majority { k: 5 },

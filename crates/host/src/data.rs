@@ -13,7 +13,6 @@ use image::DynamicImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::RngExt;
-use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 use tern_model_format::dataset::Sample;
 use tern_model_format::preprocess::{decode_image, preprocess, MAX_IMAGE_FILE_BYTES};
@@ -130,7 +129,7 @@ impl FeatureCache {
             std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
         }
         let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-        tern_model_format::bundle::write_atomic(&path, &bytes)?;
+        tern_model_format::files::write_atomic(&path, &bytes)?;
         Ok(())
     }
 }
@@ -254,7 +253,4 @@ pub fn progress(len: u64, msg: &str) -> ProgressBar {
     bar
 }
 
-/// sha256 (hex).
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use tern_model_format::files::sha256_hex;

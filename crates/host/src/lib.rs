@@ -9,5 +9,6 @@ pub mod metrics;
 pub mod plot;
 pub mod pretrained;
 pub mod quantize;
+pub mod signing;
 pub mod train;
 pub mod viz;

@@ -36,6 +36,11 @@ enum Command {
     /// Static post-training int8 quantization of a bundle, calibrated on
     /// real images, compared with float on held-out ones.
     Quantize(cmd::quantize::Args),
+    /// A key pair for signing bundles: KEY (secret) and KEY.pub (for the
+    /// devices' `--trust`).
+    Keygen(cmd::keygen::Args),
+    /// Sign bundles in place with a secret key.
+    Sign(cmd::sign::Args),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +53,8 @@ fn main() -> ExitCode {
         Command::Train(a) => cmd::train::run(a),
         Command::Eval(a) => cmd::eval::run(a),
         Command::Quantize(a) => cmd::quantize::run(a),
+        Command::Keygen(a) => cmd::keygen::run(a),
+        Command::Sign(a) => cmd::sign::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,6 +18,8 @@ use anyhow::{bail, Context, Result};
 use prost::Message;
 use tch::{Kind, Tensor};
 use tern_model_format::onnx::{self, tensor_proto::DataType};
+
+use crate::data::progress;
 use tern_model_format::preprocess::{open_image, preprocess};
 use tern_model_format::quantize::{
     calibration_tensors, mean_tensors, quantize_graph, Calibrator, Method, Options, Range,
@@ -34,16 +36,6 @@ pub const BIAS_CORRECTION_IMAGES: usize = 64;
 /// Calibration images used to rank the layers by sensitivity (enough to
 /// rank them; each layer costs a forward pass over them).
 pub const SENSITIVITY_IMAGES: usize = 32;
-
-/// A progress bar on stderr (hidden when stderr is not a terminal).
-fn progress(len: u64, msg: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(len);
-    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg:>24} [{bar:30}] {pos}/{len} {elapsed}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_message(msg.to_owned());
-    bar
-}
 
 /// A Tern ONNX graph ready to run in libtorch (CPU).
 pub struct OnnxNet {

@@ -965,10 +965,10 @@ impl Trained {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let r = &self.report;
         let json = serde_json::to_vec_pretty(r)?;
-        tern_model_format::bundle::write_atomic(&dir.join("report.json"), &json)?;
+        tern_model_format::files::write_atomic(&dir.join("report.json"), &json)?;
         let mut text = format!("after the head phase (best epoch {}):\n{}", r.best_epoch, r.head_metrics.table());
         text += &format!("\nfinal:\n{}", r.metrics.table());
-        tern_model_format::bundle::write_atomic(&dir.join("metrics.txt"), text.as_bytes())?;
+        tern_model_format::files::write_atomic(&dir.join("metrics.txt"), text.as_bytes())?;
         let title = format!("validation, accuracy {:.2}% on {} images", r.metrics.accuracy * 100.0, r.metrics.samples);
         crate::plot::confusion_png(&dir.join("confusion.png"), &title, &self.classes, &r.metrics.confusion)?;
         let series: Vec<_> =

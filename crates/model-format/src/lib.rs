@@ -24,12 +24,19 @@
 //! The graph has one input `[1, 3, H, W]` f32 and two outputs, the logits
 //! and the probabilities, both `[1, N]`.
 //!
+//! A signed bundle has a second entry, [`signature::SIGNATURE_KEY`]
+//! (`tern.signature`): an ed25519 signature over the graph, the manifest
+//! and every other field of the file but itself (see [`signature`]).
+//!
 //! # Modules
 //! - [`arch`]: backbone descriptions with their state-dict names.
 //! - [`export`]: writes the ONNX graph from named weights (batch norm folded).
 //! - [`bundle`]: reads (limits checked before allocation), validates and
 //!   atomically writes bundles.
 //! - [`preprocess`]: the single image → tensor function (feature `preprocess`).
+//! - [`validate`]: the checks a graph passes before a runtime sees it
+//!   (operators, attributes, initializer sizes, a memory budget).
+//! - [`signature`]: ed25519 key files, signing and verifying bundles.
 #![deny(missing_docs)]
 
 pub mod arch;
@@ -37,12 +44,15 @@ pub mod bundle;
 pub mod dataset;
 mod error;
 pub mod export;
+pub mod files;
 pub mod manifest;
 #[allow(missing_docs, clippy::all)]
 pub mod onnx;
 #[cfg(feature = "preprocess")]
 pub mod preprocess;
 pub mod quantize;
+pub mod validate;
+pub mod signature;
 pub mod weights;
 
 pub use bundle::Bundle;

@@ -22,25 +22,27 @@ pub const MAX_IMAGE_SIDE: u32 = 16_384;
 pub const MAX_DECODE_ALLOC: u64 = 1 << 30;
 
 /// Reads and decodes the image at `path`, applying its EXIF orientation.
+/// Only regular files are read (a FIFO or `/dev/zero` is refused before it
+/// is opened), and never more than [`MAX_IMAGE_FILE_BYTES`].
 pub fn open_image(path: &Path) -> Result<DynamicImage, FormatError> {
-    let len = std::fs::metadata(path).map_err(|e| FormatError::io(path, e))?.len();
-    if len > MAX_IMAGE_FILE_BYTES {
-        return Err(FormatError::TooLarge { what: path.display().to_string(), size: len, limit: MAX_IMAGE_FILE_BYTES });
-    }
-    let bytes = std::fs::read(path).map_err(|e| FormatError::io(path, e))?;
+    let bytes = crate::files::read_regular(path, MAX_IMAGE_FILE_BYTES, "image")?;
     decode_image(&bytes)
 }
 
 /// Decodes an encoded image (PNG, JPEG, ...) from memory, applying its
-/// EXIF orientation.
+/// EXIF orientation. A JPEG or PNG that ends early is an error, even where
+/// the decoder would fill in the missing part.
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, FormatError> {
     let err = |e: &dyn std::fmt::Display| FormatError::Image { detail: e.to_string() };
     if bytes.is_empty() {
         return Err(FormatError::Image { detail: "the file is empty".into() });
     }
     let mut reader = ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| err(&e))?;
-    if reader.format().is_none() {
-        return Err(FormatError::Image { detail: "not an image format this build can read".into() });
+    match reader.format() {
+        None => return Err(FormatError::Image { detail: "not an image format this build can read".into() }),
+        Some(image::ImageFormat::Jpeg) => check_jpeg_complete(bytes)?,
+        Some(image::ImageFormat::Png) => check_png_complete(bytes)?,
+        Some(_) => {}
     }
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_IMAGE_SIDE);
@@ -53,6 +55,66 @@ pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, FormatError> {
     img.apply_orientation(orientation);
     Ok(img)
 }
+
+/// Refuses a JPEG whose entropy-coded data does not end with an EOI marker
+/// (`FF D9`): a truncated file, which decoders fill with grey. The marker
+/// segments before the first scan (SOS) are skipped by their lengths, so
+/// the EOI of an EXIF thumbnail does not count; inside the scans a `FF D9`
+/// can only be the end (data bytes `FF` are stuffed as `FF 00`).
+fn check_jpeg_complete(bytes: &[u8]) -> Result<(), FormatError> {
+    let truncated = |why: &str| FormatError::Image { detail: format!("truncated JPEG: {why}") };
+    let mut pos = 2; // after SOI
+    loop {
+        // Fill bytes (FF FF ...) may precede a marker.
+        while bytes.get(pos) == Some(&0xFF) && bytes.get(pos + 1) == Some(&0xFF) {
+            pos += 1;
+        }
+        let (Some(&0xFF), Some(&marker)) = (bytes.get(pos), bytes.get(pos + 1)) else {
+            return Err(truncated(&format!("no marker at byte {pos} of {}", bytes.len())));
+        };
+        pos += 2;
+        if matches!(marker, 0x01 | 0xD0..=0xD7) {
+            continue; // markers without a length
+        }
+        let (Some(&hi), Some(&lo)) = (bytes.get(pos), bytes.get(pos + 1)) else {
+            return Err(truncated("ends inside a marker segment"));
+        };
+        pos += usize::from(u16::from_be_bytes([hi, lo]));
+        if pos > bytes.len() {
+            return Err(truncated("ends inside a marker segment"));
+        }
+        if marker == 0xDA {
+            break; // the first scan
+        }
+        if marker == 0xD9 {
+            return Err(truncated("no scan before the end marker"));
+        }
+    }
+    if bytes[pos..].windows(2).any(|w| w == [0xFF, 0xD9]) {
+        Ok(())
+    } else {
+        Err(truncated("no end-of-image marker (FF D9) after the image data"))
+    }
+}
+
+/// Refuses a PNG without its whole IEND chunk (length, type and CRC): a
+/// file cut short.
+fn check_png_complete(bytes: &[u8]) -> Result<(), FormatError> {
+    const IEND: &[u8] = b"\0\0\0\0IEND\xAE\x42\x60\x82";
+    if bytes.windows(IEND.len()).rev().any(|w| w == IEND) {
+        Ok(())
+    } else {
+        Err(FormatError::Image { detail: "truncated PNG: no IEND chunk".into() })
+    }
+}
+
+/// Most pixels of an image made on the way to the model input (the
+/// resized image before a centre crop, and the resizer's vertical pass,
+/// `source width × output height`). Beyond it — only for extreme aspect
+/// ratios, or huge images into huge inputs — the input is sampled straight
+/// from the source region instead (nearest pixel), so that no size of image
+/// costs more than the output.
+pub const MAX_RESIZE_PIXELS: u64 = 1 << 24;
 
 /// Turns a decoded image into the model input: `[1, 3, height, width]`
 /// values in NCHW order, RGB, `(x / 255 − mean) / std`.
@@ -82,23 +144,48 @@ pub fn preprocess_rgb8(rgb: &RgbImage, p: &Preprocessing) -> Vec<f32> {
 
 fn resize(rgb: &RgbImage, p: &Preprocessing) -> RgbImage {
     let (iw, ih) = rgb.dimensions();
+    let fits = |w: u32, h: u32| u64::from(w) * u64::from(h) <= MAX_RESIZE_PIXELS;
+    if iw == 0 || ih == 0 {
+        return RgbImage::new(p.width, p.height);
+    }
     match p.resize {
         ResizeMode::Stretch => {
             if (iw, ih) == (p.width, p.height) {
                 return rgb.clone();
             }
+            if !fits(iw, p.height) {
+                return sample(rgb, [0.0, 0.0, f64::from(iw), f64::from(ih)], p.width, p.height);
+            }
             image::imageops::resize(rgb, p.width, p.height, FilterType::Triangle)
         }
         ResizeMode::CenterCrop { shorter_side } => {
-            let s = f64::from(shorter_side) / f64::from(iw.min(ih).max(1));
+            let s = f64::from(shorter_side) / f64::from(iw.min(ih));
+            // Saturating float → int casts: an absurd size fails `fits`.
             let nw = ((f64::from(iw) * s).round() as u32).max(p.width);
             let nh = ((f64::from(ih) * s).round() as u32).max(p.height);
-            let scaled = image::imageops::resize(rgb, nw, nh, FilterType::Triangle);
             let x = (nw - p.width) / 2;
             let y = (nh - p.height) / 2;
+            if !fits(nw, nh) || !fits(iw, nh) {
+                let (sx, sy) = (f64::from(nw) / f64::from(iw), f64::from(nh) / f64::from(ih));
+                let region = [f64::from(x) / sx, f64::from(y) / sy, f64::from(p.width) / sx, f64::from(p.height) / sy];
+                return sample(rgb, region, p.width, p.height);
+            }
+            let scaled = image::imageops::resize(rgb, nw, nh, FilterType::Triangle);
             image::imageops::crop_imm(&scaled, x, y, p.width, p.height).to_image()
         }
     }
+}
+
+/// The `[x, y, width, height]` region of `rgb` (source pixels) brought to
+/// `w × h` by taking the source pixel under each output pixel's centre.
+fn sample(rgb: &RgbImage, region: [f64; 4], w: u32, h: u32) -> RgbImage {
+    let (iw, ih) = rgb.dimensions();
+    let [x0, y0, rw, rh] = region;
+    let at = |o: u32, n: u32, start: f64, len: f64, max: u32| -> u32 {
+        let v = (start + (f64::from(o) + 0.5) * len / f64::from(n)).floor();
+        (v.max(0.0) as u32).min(max - 1)
+    };
+    RgbImage::from_fn(w, h, |ox, oy| *rgb.get_pixel(at(ox, w, x0, rw, iw), at(oy, h, y0, rh, ih)))
 }
 
 #[cfg(test)]
@@ -145,6 +232,57 @@ mod tests {
         assert!(decode_image(b"hello, not an image").is_err());
         let png = encode_png(&DynamicImage::ImageRgb8(RgbImage::new(50, 50)));
         assert!(decode_image(&png[..png.len() / 2]).is_err());
+    }
+
+    fn jpeg(img: &RgbImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        DynamicImage::ImageRgb8(img.clone()).write_to(&mut Cursor::new(&mut out), image::ImageFormat::Jpeg).unwrap();
+        out
+    }
+
+    #[test]
+    fn truncated_jpegs_and_pngs_are_errors() {
+        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90]));
+        let whole = jpeg(&img);
+        decode_image(&whole).unwrap();
+        // Trailing bytes after the end marker are tolerated.
+        let mut padded = whole.clone();
+        padded.extend_from_slice(b"\0\0trailer");
+        decode_image(&padded).unwrap();
+        for cut in [whole.len() - 2, whole.len() * 3 / 4, whole.len() / 2, 200, 20, 3] {
+            let err = decode_image(&whole[..cut]).unwrap_err().to_string();
+            assert!(err.contains("truncated JPEG") || err.contains("cannot decode"), "{cut}: {err}");
+        }
+        let png = encode_png(&DynamicImage::ImageRgb8(img));
+        decode_image(&png).unwrap();
+        for cut in [png.len() - 12, png.len() - 1] {
+            let err = decode_image(&png[..cut]).unwrap_err().to_string();
+            assert!(err.contains("truncated PNG"), "{cut}: {err}");
+        }
+    }
+
+    #[test]
+    fn extreme_aspect_ratios_stay_bounded() {
+        // 1 × 16384: scaled to a shorter side of 4096 it would be 4096 ×
+        // 67 million pixels (over 800 GB).
+        let tall = RgbImage::from_fn(1, 16_384, |_, y| image::Rgb([if y < 8192 { 255 } else { 0 }, 0, 0]));
+        let p = Preprocessing {
+            width: 16,
+            height: 16,
+            resize: ResizeMode::CenterCrop { shorter_side: 4096 },
+            mean: [0.0; 3],
+            std: [1.0; 3],
+        };
+        let t = std::time::Instant::now();
+        let x = preprocess_rgb8(&tall, &p);
+        assert!(t.elapsed() < std::time::Duration::from_secs(1), "{:?}", t.elapsed());
+        assert_eq!(x.len(), 3 * 256);
+        // The centre of the column: red above the middle, black below.
+        assert!(x[0] > 0.99 && x[255] < 0.01, "{} {}", x[0], x[255]);
+        let wide = RgbImage::new(16_384, 1);
+        let stretch = Preprocessing { width: 4096, height: 4096, resize: ResizeMode::Stretch, ..p };
+        assert_eq!(preprocess_rgb8(&wide, &stretch).len(), 3 * 4096 * 4096);
+        assert_eq!(preprocess_rgb8(&RgbImage::new(0, 0), &p).len(), 3 * 256);
     }
 
     #[test]

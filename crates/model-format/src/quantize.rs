@@ -2,7 +2,7 @@
 //! with standard ONNX operators only (opset 13), so tract and onnxruntime
 //! run the same file.
 //!
-//! Two schemes, chosen by what tract runs fast (measured, see the README):
+//! Two schemes, chosen by what tract runs fast (measured, see docs/quantization.md):
 //! - [`Scheme::Weights`]: every weight stored as int8 (symmetric, one
 //!   scale per output channel) behind a `DequantizeLinear` of a constant,
 //!   which runtimes fold at load. Float compute, a ~4× smaller file.

@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
 
 use crate::error::FormatError;
+use crate::files::sha256_hex;
 
 /// A dense f32 tensor, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,11 +158,5 @@ pub fn write_safetensors(path: &Path, tensors: &HashMap<String, TensorData>) -> 
         })
         .collect::<Result<Vec<_>, _>>()?;
     let out = safetensors::serialize(views, None).map_err(|e| FormatError::SafeTensors(e.to_string()))?;
-    crate::bundle::write_atomic(path, &out)
-}
-
-/// sha256 of `bytes`, lower-case hex.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::files::write_atomic(path, &out)
 }

@@ -2,7 +2,7 @@
 //! peak memory and model size of one bundle; optionally the per-operator
 //! profile and the cost of preprocessing a 640×480 camera frame.
 //!
-//! `scripts/bench-compare.sh` runs this next to onnxruntime on the same
+//! `bench/compare.sh` runs this next to onnxruntime on the same
 //! files and the same input (`--dump-input`).
 
 use std::path::PathBuf;
@@ -13,8 +13,7 @@ use anyhow::{Context, Result};
 use tern_device::engine::Compute;
 use tern_device::npy;
 use tern_device::perf::{self, LatencyStats, Profile};
-use tern_device::Classifier;
-use tern_model_format::preprocess::{decode_image, open_image, preprocess, preprocess_rgb8};
+use tern_model_format::preprocess::{decode_image, open_image, preprocess_rgb8};
 use tern_model_format::Bundle;
 
 /// Arguments of `bench`.
@@ -22,10 +21,6 @@ use tern_model_format::Bundle;
 pub struct Args {
     /// The bundle (.onnx).
     bundle: PathBuf,
-    /// Threads for tract's kernels (1: single-threaded executor; more: a
-    /// rayon pool of that size).
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
     /// Timed runs.
     #[arg(long, default_value_t = 100)]
     iters: usize,
@@ -47,15 +42,8 @@ pub struct Args {
     /// One JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
-    /// Compute in half floats (tract's f32_to_f16 transform): for ARM cores
-    /// with FP16 arithmetic (Raspberry Pi 5, Jetson Orin); emulated and slow
-    /// on x86-64. Float bundles and int8-weights bundles only.
-    #[arg(long)]
-    f16: bool,
-    /// Run tract's own kernels only, without Tern's fused convolution ops
-    /// (1×1, full and depthwise): the same bundle measured both ways.
-    #[arg(long)]
-    tract_kernels: bool,
+    #[command(flatten)]
+    engine: super::EngineArgs,
 }
 
 /// What `bench` measured.
@@ -73,6 +61,8 @@ struct Report {
     /// Whether Tern's fused ops ran (false with `--tract-kernels`, or on a
     /// CPU without their kernels).
     tern_kernels: bool,
+    /// How many of tract's ops Tern's fused ops replaced.
+    fused_ops: usize,
     /// Load + verify + optimise the bundle, ms.
     load_ms: f64,
     /// Load → first result, ms.
@@ -97,18 +87,17 @@ struct FrameCost {
 
 /// Runs the benchmark and prints the report.
 pub fn run(a: Args) -> Result<ExitCode> {
-    perf::use_threads(a.threads)?;
-    tern_device::engine::use_tract_kernels_only(a.tract_kernels);
+    let options = a.engine.options();
     let model_bytes =
         std::fs::metadata(&a.bundle).with_context(|| format!("cannot read {}", a.bundle.display()))?.len();
 
+    let trust = a.engine.trust.trust()?;
     let start = Instant::now();
-    let compute = if a.f16 { Compute::F16 } else { Compute::F32 };
-    let mut clf = Classifier::load_with(&a.bundle, compute)?;
+    let (mut clf, _) = trust.load(&a.bundle, &options)?;
     let load = start.elapsed();
     let pre = clf.manifest().preprocessing;
     let input = match &a.image {
-        Some(p) => preprocess(&open_image(p)?, &pre),
+        Some(p) => clf.preprocess(&open_image(p)?),
         None => synthetic_input(pre.input_shape().iter().product()),
     };
     let first = clf.run(&input)?;
@@ -130,18 +119,19 @@ pub fn run(a: Args) -> Result<ExitCode> {
 
     let frame = if a.frame { Some(frame_cost(&a, &pre)?) } else { None };
     let profile = match a.profile {
-        Some(_) => Some(perf::profile(&a.bundle, compute, &input, a.iters.min(20))?),
+        Some(_) => Some(perf::profile(&a.bundle, &options, &input, a.iters.min(20))?),
         None => None,
     };
     let precision = Bundle::read(&a.bundle).map(|b| format!("{:?}", b.manifest.precision).to_lowercase())?;
     let report = Report {
         bundle: a.bundle.clone(),
         precision,
-        compute,
+        compute: options.compute,
         model_bytes,
-        threads: a.threads,
+        threads: options.threads,
         depthwise_kernel: tern_device::kernels::depthwise_c_kernel_name(),
-        tern_kernels: !a.tract_kernels && tern_device::fused::supported(),
+        tern_kernels: clf.fused_ops() > 0,
+        fused_ops: clf.fused_ops(),
         load_ms: ms(load),
         cold_start_ms: ms(cold),
         latency,
@@ -219,7 +209,7 @@ fn print_text(r: &Report, top: usize) {
         None => outln!("  depthwise layers channel-first (no channel-last depthwise kernel on this machine)"),
     }
     if r.tern_kernels {
-        outln!("  convolutions on Tern's fused AVX2 + FMA ops (tract's own with --tract-kernels)");
+        outln!("  {} convolutions on Tern's fused ops (tract's own with --tract-kernels)", r.fused_ops);
     } else {
         outln!("  convolutions on tract's own kernels");
     }
@@ -255,7 +245,7 @@ fn print_text(r: &Report, top: usize) {
         }
         outln!("  slowest {top} nodes:");
         for n in p.nodes.iter().take(top) {
-            outln!("    {:>8.3} ms  {:<14} {}", n.mean_ms, n.op, n.name);
+            outln!("    {:>8.3} ms  {:<14} {}", n.mean_ms, n.op, tern_device::events::escape_for_terminal(&n.name));
         }
     }
 }

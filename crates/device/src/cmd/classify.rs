@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use tern_device::engine::Compute;
+use tern_device::events::escape_for_terminal as esc;
 use tern_device::{npy, Classifier, Ranked};
-use tern_model_format::preprocess::{open_image, preprocess};
+use tern_model_format::preprocess::open_image;
 
 /// Arguments of `classify`.
 #[derive(clap::Args)]
@@ -28,11 +28,8 @@ pub struct Args {
     /// Write each preprocessed input tensor as DIR/<image stem>.npy.
     #[arg(long, value_name = "DIR")]
     dump_input: Option<PathBuf>,
-    /// Compute in half floats (tract's f32_to_f16 transform): for ARM cores
-    /// with FP16 arithmetic (Raspberry Pi 5, Jetson Orin); emulated and slow
-    /// on x86-64. Float bundles and int8-weights bundles only.
-    #[arg(long)]
-    f16: bool,
+    #[command(flatten)]
+    engine: super::EngineArgs,
 }
 
 #[derive(serde::Serialize)]
@@ -47,14 +44,14 @@ struct Line<'a> {
 /// Classifies every image; an image that cannot be read is reported and the
 /// others still run (the exit code is then non-zero).
 pub fn run(a: Args) -> Result<ExitCode> {
-    let mut clf = Classifier::load_with(&a.bundle, if a.f16 { Compute::F16 } else { Compute::F32 })?;
+    let mut clf = a.engine.load(&a.bundle)?;
     if let Some(dir) = &a.dump_input {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let mut failed = 0;
     for path in &a.images {
         if let Err(e) = one(&mut clf, &a, path) {
-            eprintln!("error: {}: {e:#}", path.display());
+            eprintln!("error: {}: {}", esc(&path.display().to_string()), esc(&format!("{e:#}")));
             failed += 1;
         }
     }
@@ -63,11 +60,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
 
 fn one(clf: &mut Classifier, a: &Args, path: &Path) -> Result<()> {
     let img = open_image(path)?;
-    let pre = clf.manifest().preprocessing;
-    let input = preprocess(&img, &pre);
+    let input = clf.preprocess(&img);
     if let Some(dir) = &a.dump_input {
         let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "input".into());
-        npy::write_f32(&dir.join(format!("{stem}.npy")), &pre.input_shape(), &input)?;
+        npy::write_f32(&dir.join(format!("{stem}.npy")), &clf.manifest().preprocessing.input_shape(), &input)?;
     }
     let (out, took) = clf.run_timed(&input)?;
     let top = clf.top_k(&out, a.top_k);
@@ -76,9 +72,9 @@ fn one(clf: &mut Classifier, a: &Args, path: &Path) -> Result<()> {
         let line = Line { image: path, top, logits: a.logits.then(|| out.logits.clone()), latency_ms };
         outln!("{}", serde_json::to_string(&line)?);
     } else {
-        outln!("{} ({latency_ms:.1} ms)", path.display());
+        outln!("{} ({latency_ms:.1} ms)", esc(&path.display().to_string()));
         for r in top {
-            outln!("  {:>6.2}%  {:>4}  {}", r.probability * 100.0, r.index, r.label);
+            outln!("  {:>6.2}%  {:>4}  {}", r.probability * 100.0, r.index, esc(&r.label));
         }
     }
     Ok(())

@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use tern_device::engine::Compute;
 use tern_device::evaluate::{check_labels, evaluate};
-use tern_device::Classifier;
+use tern_device::events::escape_for_terminal as esc;
 use tern_model_format::dataset;
 
 /// Which part of the data set to evaluate.
@@ -43,16 +42,13 @@ pub struct Args {
     /// One JSON object per image, then one summary object, on stdout.
     #[arg(long)]
     json: bool,
-    /// Compute in half floats (tract's f32_to_f16 transform): for ARM cores
-    /// with FP16 arithmetic (Raspberry Pi 5, Jetson Orin); emulated and slow
-    /// on x86-64. Float bundles and int8-weights bundles only.
-    #[arg(long)]
-    f16: bool,
+    #[command(flatten)]
+    engine: super::EngineArgs,
 }
 
 /// Evaluates and prints accuracy (or JSON lines).
 pub fn run(a: Args) -> Result<ExitCode> {
-    let mut clf = Classifier::load_with(&a.bundle, if a.f16 { Compute::F16 } else { Compute::F32 })?;
+    let mut clf = a.engine.load(&a.bundle)?;
     let trained =
         clf.manifest().provenance.training.as_ref().and_then(|t| t.get("options")).cloned().unwrap_or_default();
     let val_fraction = a.val_fraction.or_else(|| trained.get("val_fraction").and_then(|v| v.as_f64())).unwrap_or(0.2);
@@ -77,7 +73,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
     })?;
     for (path, why) in &skipped {
-        eprintln!("skipped {}: {why}", path.display());
+        eprintln!("skipped {}: {}", esc(&path.display().to_string()), esc(why));
     }
     let correct = results.iter().filter(|r| r.label == r.predicted).count();
     let accuracy = correct as f64 / results.len().max(1) as f64;

@@ -8,14 +8,13 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use tern_device::actions::{check_labels, parse_rules, GpioOutputs, PinRule};
-use tern_device::engine::Compute;
 use tern_device::events::{JsonLines, Sink};
 use tern_device::mqtt::{parse_qos, Credentials, MqttSettings, MqttSink, MqttTarget, TlsFiles};
 use tern_device::reload::{Check, Reloader};
 use tern_device::runloop::{self, Backoff, LoopOptions};
 use tern_device::smooth::{Hysteresis, Smoothing};
 use tern_device::source::{FrameSource, ImageFiles, MjpegFile, Synthetic};
-use tern_device::{camera, gpio, Classifier};
+use tern_device::{camera, gpio};
 
 /// Arguments of `run`.
 #[derive(clap::Args)]
@@ -123,14 +122,16 @@ pub struct Args {
     /// Give up (exit with an error) after this many failed reopen attempts.
     #[arg(long)]
     reopen_attempts: Option<u32>,
+    /// Report (a `slow-frame` event, counted in `stats`) every inference
+    /// slower than this many milliseconds.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    slow_ms: Option<u64>,
     /// No human-readable log lines on stderr.
     #[arg(long, short)]
     quiet: bool,
-    /// Compute in half floats (tract's f32_to_f16 transform), reloaded
-    /// bundles too: for ARM cores with FP16 arithmetic (Raspberry Pi 5,
-    /// Jetson Orin). Float bundles and int8-weights bundles only.
-    #[arg(long)]
-    f16: bool,
+    /// How the bundle, and every reloaded one, is loaded.
+    #[command(flatten)]
+    engine: super::EngineArgs,
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
@@ -149,8 +150,12 @@ fn seconds(v: f64, what: &str) -> Result<Duration> {
 /// SIGTERM (then pins go low and MQTT says `offline`).
 pub fn run(a: Args) -> Result<ExitCode> {
     let thresholds = Hysteresis::new(a.on, a.off).map_err(|e| anyhow!(e))?;
-    let compute = if a.f16 { Compute::F16 } else { Compute::F32 };
-    let classifier = Classifier::load_with(&a.bundle, compute)?;
+    let options = a.engine.options();
+    let trust = a.engine.trust.trust()?;
+    let (classifier, signer) = trust.load(&a.bundle, &options)?;
+    if let (Some(k), false) = (&signer, a.quiet) {
+        eprintln!("{}: signed by trusted key {}", a.bundle.display(), k.describe());
+    }
     let rules = a.gpio.as_deref().map(parse_rules).transpose()?;
     if let Some(r) = &rules {
         check_labels(r, &classifier.manifest().labels).with_context(|| format!("bundle {}", a.bundle.display()))?;
@@ -169,6 +174,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             attempts: a.reopen_attempts,
         },
         log: !a.quiet,
+        slow: a.slow_ms.map(Duration::from_millis),
     };
 
     let mut stdout = JsonLines::new(std::io::stdout(), a.every_frame);
@@ -201,7 +207,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     } else {
         let rules = rules.clone().unwrap_or_default();
         let check: Check = Box::new(move |m: &tern_model_format::Manifest| check_labels(&rules, &m.labels));
-        Some(Reloader::spawn_with(&a.bundle, seconds(a.reload_interval, "--reload-interval")?, compute, check)?)
+        Some(Reloader::spawn(&a.bundle, seconds(a.reload_interval, "--reload-interval")?, options, trust, check)?)
     };
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -219,7 +225,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     let bundle = a.bundle.display().to_string();
     let summary = runloop::run(open, classifier, &bundle, &opts, &mut sinks, reloader.as_ref(), &stop)?;
-    if summary.reason.contains("reopen attempts failed") {
+    if summary.reason.is_failure() {
         return Err(anyhow!("{}", summary.reason));
     }
     Ok(ExitCode::SUCCESS)

@@ -19,8 +19,138 @@ pub const COLORS: [&str; 3] = ["red", "green", "blue"];
 /// identity) and softmax. `labels` names the outputs (red, green, blue
 /// channel, in that order). Input 16×16, no normalisation.
 pub fn color_bundle(path: &Path, labels: [&str; 3], gain: f32) {
-    let labels: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-    labelled_bundle(path, &labels, gain);
+    let mut w = vec![0f32; 9];
+    for i in 0..3 {
+        w[i * 3 + i] = gain;
+    }
+    let pool = node("GlobalAveragePool", &["input"], "pooled", vec![]);
+    graph_bundle(path, labels, ResizeMode::Stretch, vec![pool], vec![tensor("w", &[3, 3], &w)]).expect("write colour bundle");
+}
+
+/// Writes a bundle with the colour network's manifest (`labels`, a 16×16
+/// input brought to size by `resize`) and head (Flatten of `pooled`, Gemm
+/// with the 3×3 initializer `w`, Softmax) after `body`, which reads `input`
+/// and must leave `pooled` ([1, 3, 1, 1]). The graph is not checked, so
+/// crafted graphs can be written.
+pub fn graph_bundle(
+    path: &Path,
+    labels: [&str; 3],
+    resize: ResizeMode,
+    body: Vec<onnx::NodeProto>,
+    initializers: Vec<onnx::TensorProto>,
+) -> Result<Manifest, tern_model_format::FormatError> {
+    let pre = Preprocessing { width: 16, height: 16, resize, mean: [0.0; 3], std: [1.0; 3] };
+    let io = Io {
+        input: "input".into(),
+        logits: "logits".into(),
+        probabilities: "probabilities".into(),
+        output_width: 3,
+        output_kind: OutputKind::Softmax,
+    };
+    let mut node_list = body;
+    node_list.extend([
+        node("Flatten", &["pooled"], "features", vec![attr_int("axis", 1)]),
+        node("Gemm", &["features", "w", "b"], "logits", vec![attr_int("transB", 1)]),
+        node("Softmax", &["logits"], "probabilities", vec![attr_int("axis", 1)]),
+    ]);
+    let mut initializer = initializers;
+    initializer.push(tensor("b", &[3], &[0.0; 3]));
+    let graph = onnx::GraphProto {
+        name: Some("colour".into()),
+        node: node_list,
+        initializer,
+        input: vec![value_info("input", &[1, 3, 16, 16])],
+        output: vec![value_info("logits", &[1, 3]), value_info("probabilities", &[1, 3])],
+        ..Default::default()
+    };
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+        preprocessing: pre,
+        io,
+        precision: Precision::F32,
+        quantization: None,
+        metrics: None,
+        architecture: ArchitectureInfo { backbone: "test-colour".into(), drop_blocks: 0, hidden: vec![] },
+        provenance: Provenance {
+            created_by: "tern-device tests".into(),
+            backbone_weights_sha256: "0".repeat(64),
+            backbone_weights_source: "none: hand-set weights".into(),
+            training: None,
+        },
+        graph_sha256: String::new(),
+    };
+    tern_model_format::bundle::write(path, graph, manifest)
+}
+
+pub fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeProto>) -> onnx::NodeProto {
+    onnx::NodeProto {
+        name: Some(output.into()),
+        op_type: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute,
+        ..Default::default()
+    }
+}
+
+pub fn attr_int(name: &str, v: i64) -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(onnx::attribute_proto::AttributeType::Int as i32),
+        i: Some(v),
+        ..Default::default()
+    }
+}
+
+pub fn attr_ints(name: &str, v: &[i64]) -> onnx::AttributeProto {
+    onnx::AttributeProto {
+        name: Some(name.into()),
+        r#type: Some(onnx::attribute_proto::AttributeType::Ints as i32),
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn i64_tensor(name: &str, v: &[i64]) -> onnx::TensorProto {
+    onnx::TensorProto {
+        name: Some(name.into()),
+        dims: vec![v.len() as i64],
+        data_type: Some(onnx::tensor_proto::DataType::Int64 as i32),
+        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+pub fn tensor(name: &str, dims: &[i64], data: &[f32]) -> onnx::TensorProto {
+    onnx::TensorProto {
+        name: Some(name.into()),
+        dims: dims.to_vec(),
+        data_type: Some(onnx::tensor_proto::DataType::Float as i32),
+        raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        ..Default::default()
+    }
+}
+
+fn value_info(name: &str, shape: &[i64]) -> onnx::ValueInfoProto {
+    use onnx::tensor_shape_proto::{dimension::Value, Dimension};
+    use onnx::type_proto::{Tensor, Value as TypeValue};
+    onnx::ValueInfoProto {
+        name: Some(name.into()),
+        r#type: Some(onnx::TypeProto {
+            value: Some(TypeValue::TensorType(Tensor {
+                elem_type: Some(onnx::tensor_proto::DataType::Float as i32),
+                shape: Some(onnx::TensorShapeProto {
+                    dim: shape
+                        .iter()
+                        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// [`color_bundle`] with any number (>= 3) of outputs: the first three are
@@ -73,57 +203,6 @@ pub fn labelled_bundle(path: &Path, labels: &[String], gain: f32) {
         graph_sha256: String::new(),
     };
     tern_model_format::bundle::write(path, graph, manifest).expect("write colour bundle");
-}
-
-fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeProto>) -> onnx::NodeProto {
-    onnx::NodeProto {
-        name: Some(output.into()),
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        attribute,
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, v: i64) -> onnx::AttributeProto {
-    onnx::AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(onnx::attribute_proto::AttributeType::Int as i32),
-        i: Some(v),
-        ..Default::default()
-    }
-}
-
-fn tensor(name: &str, dims: &[i64], data: &[f32]) -> onnx::TensorProto {
-    onnx::TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(onnx::tensor_proto::DataType::Float as i32),
-        raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ..Default::default()
-    }
-}
-
-fn value_info(name: &str, shape: &[i64]) -> onnx::ValueInfoProto {
-    use onnx::tensor_shape_proto::{dimension::Value, Dimension};
-    use onnx::type_proto::{Tensor, Value as TypeValue};
-    onnx::ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(onnx::TypeProto {
-            value: Some(TypeValue::TensorType(Tensor {
-                elem_type: Some(onnx::tensor_proto::DataType::Float as i32),
-                shape: Some(onnx::TensorShapeProto {
-                    dim: shape
-                        .iter()
-                        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// A temp dir holding `colour.onnx`.

@@ -128,7 +128,7 @@ pub fn run(a: Args) -> Result<()> {
             format!("{} (tract): {:.2}% on {} images", a.bundle.display(), metrics.accuracy * 100.0, metrics.samples);
         tern_host::plot::confusion_png(&dir.join("confusion.png"), &title, &labels, &metrics.confusion)?;
         let json = serde_json::json!({"metrics": metrics, "agreement": agreement, "predictions": preds});
-        tern_model_format::bundle::write_atomic(&dir.join("eval.json"), &serde_json::to_vec_pretty(&json)?)?;
+        tern_model_format::files::write_atomic(&dir.join("eval.json"), &serde_json::to_vec_pretty(&json)?)?;
     }
     Ok(())
 }

@@ -20,6 +20,8 @@ pub struct Args {
     /// Bundle to write.
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub sign: super::sign::SignArg,
 }
 
 /// Parses a backbone name for clap.
@@ -29,6 +31,7 @@ pub fn parse_backbone(s: &str) -> Result<Backbone, String> {
 
 /// Exports and prints a one-line summary.
 pub fn run(a: Args) -> Result<()> {
+    let key = a.sign.read()?;
     let m = tern_host::pretrained::export_imagenet(a.backbone, &a.weights, &a.labels, &a.out)?;
     eprintln!(
         "wrote {} ({}, {} labels, graph sha256 {})",
@@ -37,5 +40,8 @@ pub fn run(a: Args) -> Result<()> {
         m.labels.len(),
         &m.graph_sha256[..12]
     );
+    if let Some(k) = &key {
+        super::sign::signed(&a.out, k)?;
+    }
     Ok(())
 }

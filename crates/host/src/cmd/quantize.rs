@@ -111,6 +111,8 @@ pub struct Args {
     /// Runs per candidate in --auto's benchmark.
     #[arg(long, default_value_t = 30)]
     pub bench_iters: usize,
+    #[command(flatten)]
+    pub sign: super::sign::SignArg,
 }
 
 /// `--min-shrink`'s default with `--scheme weights`: room for the
@@ -187,6 +189,7 @@ pub fn run(a: Args) -> Result<()> {
         bail!("--calib-images must be at least 1");
     }
     let recipe = recipe(&a)?;
+    let key = a.sign.read()?;
     if !(a.budget >= 0.0) {
         bail!("--budget {} must be 0 points or more", a.budget);
     }
@@ -239,6 +242,9 @@ pub fn run(a: Args) -> Result<()> {
             );
         }
         println!("wrote {} ({})", a.out.display(), o.chosen);
+        if let Some(k) = &key {
+            super::sign::signed(&a.out, k)?;
+        }
         return Ok(());
     }
     let o = quantize_bundle(&r, &recipe)?;
@@ -260,6 +266,9 @@ pub fn run(a: Args) -> Result<()> {
             acc(c.int8_accuracy),
             c.max_abs_logit_diff
         );
+    }
+    if let Some(k) = &key {
+        super::sign::signed(&a.out, k)?;
     }
     Ok(())
 }

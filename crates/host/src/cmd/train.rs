@@ -102,6 +102,8 @@ pub struct Args {
     /// Training images drawn for --quantize's calibration.
     #[arg(long, default_value_t = 200)]
     pub calib_images: usize,
+    #[command(flatten)]
+    pub sign: super::sign::SignArg,
 }
 
 fn default_cache() -> Option<PathBuf> {
@@ -119,6 +121,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.quantize && a.calib_images == 0 {
         bail!("--calib-images must be at least 1");
     }
+    let key = a.sign.read()?;
     let device = select(a.device)?;
     eprintln!("computing on {device:?}");
     let weights = (!a.random_init).then_some(a.weights.as_path());
@@ -145,6 +148,9 @@ pub fn run(a: Args) -> Result<()> {
     let trained = train(&o)?;
     let r = &trained.report;
     let m = trained.export(&a.out)?;
+    if let Some(k) = &key {
+        super::sign::signed(&a.out, k)?;
+    }
     let report_dir = a.report_dir.unwrap_or_else(|| a.out.with_extension("report"));
     trained.write_report(&report_dir)?;
     println!("{}", r.metrics.table());
@@ -170,14 +176,17 @@ pub fn run(a: Args) -> Result<()> {
         report_dir.display()
     );
     if a.quantize {
-        quantize(&a.out, a.calib_images, &o).with_context(|| format!("--quantize {}", a.out.display()))?;
+        let int8 = quantize(&a.out, a.calib_images, &o).with_context(|| format!("--quantize {}", a.out.display()))?;
+        if let Some(k) = &key {
+            super::sign::signed(&int8, k)?;
+        }
     }
     Ok(())
 }
 
 /// `--quantize`: the int8 bundle of the one just written, calibrated on
 /// the training split and compared on the validation split.
-fn quantize(float: &std::path::Path, calib_images: usize, o: &TrainOptions) -> Result<()> {
+fn quantize(float: &std::path::Path, calib_images: usize, o: &TrainOptions) -> Result<PathBuf> {
     // The split `train` used: same folder, fraction, seed and cap.
     let ds = tern_model_format::dataset::scan(&o.data, o.val_fraction, o.seed)
         .with_context(|| format!("cannot use {} as an ImageFolder", o.data.display()))?
@@ -223,5 +232,5 @@ fn quantize(float: &std::path::Path, calib_images: usize, o: &TrainOptions) -> R
         acc(c.float_accuracy),
         acc(c.int8_accuracy)
     );
-    Ok(())
+    Ok(out)
 }

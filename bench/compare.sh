@@ -3,9 +3,9 @@
 # input tensor and the same thread counts, in one run; prints a table with
 # the ratios.
 #
-#   scripts/bench-compare.sh [--iters N] [--rounds N] [--threads "1 2"] [--image PNG] [--profile] [--tract-kernels] [--results FILE] BUNDLE.onnx...
+#   bench/compare.sh [--iters N] [--rounds N] [--threads "1 2"] [--image PNG] [--profile] [--tract-kernels] [--results FILE] BUNDLE.onnx...
 #
-# e.g. scripts/bench-compare.sh models/imagenet-efficientnet-lite0.onnx models/imagenet-int8.onnx
+# e.g. bench/compare.sh models/imagenet-efficientnet-lite0.onnx models/imagenet-int8.onnx
 # --profile: also per layer kind (pointwise 1x1, depthwise, full conv, head,
 # other), tract's per-node times next to onnxruntime's profiler, per bundle
 # and thread count: kind | tract ms | onnxruntime ms | ratio | share of the gap.
@@ -62,7 +62,7 @@ for round in $(seq 1 "$rounds"); do
         "$tern" bench "$b" --threads "$t" --iters "$iters" --image "$image" --json --tract-kernels \
           ${profile[@]:+--profile 0} | tag "tract kernels only" "$round" >>"$results"
       fi
-      python tests/python/ort_bench.py "$b" --input "$input" --threads "$t" --iters "$iters" "${profile[@]}" \
+      python bench/ort_bench.py "$b" --input "$input" --threads "$t" --iters "$iters" "${profile[@]}" \
         | python -c 'import json,sys; d=json.loads(sys.stdin.read()); d["round"]=int(sys.argv[1]); print(json.dumps(d))' "$round" >>"$results"
     done
   done

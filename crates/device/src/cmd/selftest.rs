@@ -1,0 +1,22 @@
+//! `tern-device selftest`: Tern's fused kernels on this CPU against plain
+//! reference loops.
+
+use std::process::ExitCode;
+
+use anyhow::{anyhow, Result};
+use tern_device::fused;
+
+/// Arguments of `selftest`.
+#[derive(clap::Args)]
+pub struct Args {}
+
+/// Runs every kernel case; fails on the first mismatch.
+pub fn run(_: Args) -> Result<ExitCode> {
+    let cases = fused::check::all().map_err(|e| anyhow!("fused kernel check failed: {e:#}"))?;
+    outln!(
+        "fused ops: {} kernels ({} in plans on this CPU); {cases} cases match plain reference loops",
+        fused::kernel_isa(),
+        if fused::supported() { "used" } else { "not used" }
+    );
+    Ok(ExitCode::SUCCESS)
+}
