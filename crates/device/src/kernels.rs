@@ -131,6 +131,7 @@ pub(crate) mod x86 {
         in_stride: isize,
         out_stride: isize,
     ) {
+        // SAFETY: the caller's `DepthwiseCF32` contract, passed on; the CPU has AVX2 and FMA (the routine's ISA requirement).
         unsafe {
             avx2(input, output, kernel, tap_indices, offsets, bias, channels, k_stride, len, in_stride, out_stride)
         }
@@ -155,6 +156,7 @@ pub(crate) mod x86 {
         in_stride: isize,
         out_stride: isize,
     ) {
+        // SAFETY: the caller's `DepthwiseCF32` contract, passed on; the CPU has AVX-512F (the routine's ISA requirement).
         unsafe {
             avx512(input, output, kernel, tap_indices, offsets, bias, channels, k_stride, len, in_stride, out_stride)
         }
@@ -179,6 +181,7 @@ pub(crate) mod x86 {
         in_stride: isize,
         out_stride: isize,
     ) {
+        // SAFETY: the caller's `DepthwiseCF32` contract: `len` points of `channels` values at the given strides, `taps` offsets inside the input.
         unsafe {
             let taps = tap_indices.len().min(offsets.len());
             let mut c = 0usize;
@@ -235,6 +238,7 @@ pub(crate) mod x86 {
         in_stride: isize,
         out_stride: isize,
     ) {
+        // SAFETY: the caller's `DepthwiseCF32` contract: `len` points of `channels` values at the given strides, `taps` offsets inside the input.
         unsafe {
             let taps = tap_indices.len().min(offsets.len());
             let mut c = 0usize;
@@ -334,6 +338,7 @@ pub(crate) mod x86 {
                     let bias = values(channels, 11);
                     let out_stride = channels as isize + 3;
                     let mut out = vec![f32::NAN; len * out_stride as usize];
+                    // SAFETY: `input`, `kernel_v` and `out` are sized for `len` points at these strides and `taps` offsets.
                     unsafe {
                         kernel(
                             input.as_ptr(),

@@ -122,6 +122,7 @@ fn operands<'a>(op: &dyn std::fmt::Debug, inputs: &'a [TValue], residual: bool, 
 /// `residual`, when given, holds a value at `at`.
 unsafe fn finish(mut acc: f32, residual: Option<*const f32>, at: usize, clamp: (f32, f32)) -> f32 {
     if let Some(r) = residual {
+        // SAFETY: the caller's residual holds a value at `at`.
         acc += unsafe { *r.add(at) };
     }
     acc.max(clamp.0).min(clamp.1)

@@ -11,6 +11,7 @@ use super::{FusedConv, Input, Strided, Table, Taps, Tile, BLOCK_BYTES, MR, NR};
 /// As [`FusedConv::compute`]; the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn run(op: &FusedConv, x: *const f32, residual: Option<*const f32>, out: *mut f32, p: (usize, usize), q: (usize, usize)) {
+    // SAFETY: the caller's contract (`FusedConv::compute`), passed on.
     unsafe {
         match &op.input {
             Input::Pointwise(layout) => {
@@ -36,6 +37,7 @@ unsafe fn blocks<T: Taps>(
     (p0, p1): (usize, usize),
     (q0, q1): (usize, usize),
 ) {
+    // SAFETY: `q` < the panel count and every tile lies in `p0..p1` ≤ the op's pixels (the caller's ranges), so `Tile::at` keeps each pointer in its buffer.
     unsafe {
         let block = ((BLOCK_BYTES / (4 * op.ci)) / MR * MR).max(MR);
         let mut b0 = p0;
@@ -66,6 +68,7 @@ unsafe fn blocks<T: Taps>(
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn tile<const R: usize, T: Taps>(t: &Tile<MR>, taps: T) {
+    // SAFETY: `t` holds R positions × one panel as `blocks` built it (`Tile::at`); the CPU has AVX2 and FMA.
     unsafe {
         let mut a0 = [_mm256_loadu_ps(t.b); R];
         let mut a1 = [_mm256_loadu_ps(t.b.add(8)); R];

@@ -289,6 +289,7 @@ impl FusedConv {
             return;
         }
         #[allow(unreachable_code)]
+        // SAFETY: as this function's.
         unsafe {
             self.compute_portable(x, residual, out, p, q)
         }
@@ -307,9 +308,11 @@ impl FusedConv {
                 let w = &self.packed[(o / NR) * ci * NR + o % NR..];
                 let mut acc = self.bias[o];
                 for i in 0..ci {
+                    // SAFETY: `input_offset(p, i)` lies in `x` for `p` < pixels and `i` < ci, the caller's contract.
                     acc = unsafe { *x.add(self.input_offset(p, i)) }.mul_add(w[i * NR], acc);
                 }
                 let at = p * op + o * oc;
+                // SAFETY: `at` < pixels × co: inside `out`, and inside `residual` when given.
                 unsafe { *out.add(at) = finish(acc, residual, at, self.clamp) };
             }
         }
@@ -441,6 +444,7 @@ impl EvalOp for FusedConv {
                 &padded[..]
             }
         };
+        // SAFETY: every value is written by exactly one work unit below before the tensor is read.
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
         let (x, out) = (xs.as_ptr() as usize, output.as_ptr_mut::<f32>()? as usize);
         // Work is split in units of one tile of pixels × one group of weight

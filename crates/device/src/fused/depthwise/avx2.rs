@@ -14,6 +14,7 @@ const QUAD: usize = 4;
 /// As [`FusedDepthwise::compute`]; the CPU has AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn rows(op: &FusedDepthwise, x: *const f32, res: Option<*const f32>, out: *mut f32, oy0: usize, oy1: usize) {
+    // SAFETY: the caller's contract (`FusedDepthwise::compute`): rows `oy0..oy1` of the output, taps inside the input (`rows`, `cols`, the interior `lo..hi`).
     unsafe {
         let g = &op.geometry;
         let (kw, sw) = (g.kernel.1, g.strides.1);
@@ -68,6 +69,7 @@ fn lanes(c: usize, channels: usize) -> __m256i {
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn load<const FULL: bool>(p: *const f32, mask: __m256i) -> __m256 {
+    // SAFETY: `p` holds 8 values, or those under `mask` (the caller's channel count).
     unsafe { if FULL { _mm256_loadu_ps(p) } else { _mm256_maskload_ps(p, mask) } }
 }
 
@@ -75,6 +77,7 @@ unsafe fn load<const FULL: bool>(p: *const f32, mask: __m256i) -> __m256 {
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn store<const FULL: bool>(op: &FusedDepthwise, res: Option<*const f32>, out: *mut f32, at: usize, mask: __m256i, mut v: __m256) {
+    // SAFETY: `at` holds 8 channels (those under `mask`) of the output and residual.
     unsafe {
         if let Some(r) = res {
             v = _mm256_add_ps(v, load::<FULL>(r.add(at), mask));
@@ -101,6 +104,7 @@ unsafe fn quad<const NB: usize, const FULL: bool>(
     ch: usize,
     (ky0, ky1): (usize, usize),
 ) {
+    // SAFETY: the positions and taps are inside the input and output, as `rows` says at the call.
     unsafe {
         let g = &op.geometry;
         let (c, cp, kw, sw) = (g.c, op.bias.len(), g.kernel.1, g.strides.1);
@@ -152,6 +156,7 @@ unsafe fn single<const NB: usize, const FULL: bool>(
     (ky0, ky1): (usize, usize),
     (kx0, kx1): (usize, usize),
 ) {
+    // SAFETY: the position and its taps `kx0..kx1`, `ky0..ky1` are inside the input and output, as `rows` says at the call.
     unsafe {
         let g = &op.geometry;
         let (c, cp, kw) = (g.c, op.bias.len(), g.kernel.1);

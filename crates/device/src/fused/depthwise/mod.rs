@@ -150,6 +150,7 @@ impl FusedDepthwise {
             return;
         }
         #[allow(unreachable_code)]
+        // SAFETY: as this function's.
         unsafe {
             self.compute_portable(x, residual, out, oy0, oy1)
         }
@@ -172,11 +173,13 @@ impl FusedDepthwise {
                         let iy = oy * g.strides.0 + ky - g.pad.0;
                         for kx in kx0..kx1 {
                             let ix = ox * g.strides.1 + kx - g.pad.1;
+                            // SAFETY: the tap (`iy`, `ix`) is inside the input (`rows`, `cols`), `c` < channels.
                             let v = unsafe { *x.add((iy * g.w + ix) * g.c + c) };
                             acc = v.mul_add(self.packed[(ky * g.kernel.1 + kx) * cp + c], acc);
                         }
                     }
                     let at = (oy * g.out.1 + ox) * g.c + c;
+                    // SAFETY: `at` is inside the output (and residual): `oy` < oh, `ox` < ow, `c` < channels.
                     unsafe { *out.add(at) = super::finish(acc, residual, at, self.clamp) };
                 }
             }
@@ -207,6 +210,7 @@ impl EvalOp for FusedDepthwise {
         let g = &self.geometry;
         let (xs, res) = super::operands(self, &inputs, self.residual, &self.out_shape)?;
         ensure!(xs.len() == g.h * g.w * g.c, "{self:?} given a {:?} input", inputs[0].shape());
+        // SAFETY: every row is written by exactly one work unit below before the tensor is read.
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
         let (x, out) = (xs.as_ptr() as usize, output.as_ptr_mut::<f32>()? as usize);
         let work = g.out.0 * g.out.1 * g.c * g.kernel.0 * g.kernel.1;

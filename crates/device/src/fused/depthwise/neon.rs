@@ -40,10 +40,10 @@ pub(super) unsafe fn rows(
             let cols = g.cols(ox);
             let at = (oy, ox);
             let mut ch = 0;
-            // SAFETY: `ch + 4·NB` ≤ `whole` ≤ `c` for every vector call,
-            // the positions are inside the output (`ox + QUAD ≤ hi ≤ ow`
-            // for a quad), and the taps inside the input (`ky0..ky1`, and
-            // `cols` or the interior `lo..hi`).
+            // Every vector call has `ch + 4·NB` ≤ `whole` ≤ `c`, positions
+            // inside the output (`ox + QUAD ≤ hi ≤ ow` for a quad) and taps
+            // inside the input (`ky0..ky1`, and `cols` or `lo..hi`).
+            // SAFETY: those bounds are what `quad`, `single` and `scalar` need.
             unsafe {
                 if quad_fits {
                     while ch + 4 * V <= whole {
