@@ -24,11 +24,10 @@
 //! A channel-last depthwise convolution, with the same clamp and residual
 //! after it, becomes a [`FusedDepthwise`] (see its module).
 //!
-//! The kernels are AVX2 + FMA; the convolution's is 6 positions × 16
-//! channels a tile (12 accumulators). [`rewrite`] uses them where
-//! [`supported`] says so and leaves the graph to tract elsewhere: aarch64
-//! devices keep tract's NEON kernels, and AVX-512 machines tract's 16-lane
-//! ones, which these have not been measured against.
+//! The kernels are AVX2 + FMA (the convolution's 6 positions × 16 channels
+//! a tile, 12 accumulators), AVX-512 for the convolution (12 × 32, 24
+//! accumulators) and NEON on aarch64. [`rewrite`] uses them where
+//! [`supported`] says so and leaves the graph to tract elsewhere.
 //!
 //! Layout: each op in its own module with its portable loops (`conv`,
 //! `depthwise`), its kernels below it, one file per ISA (`conv/avx2.rs`,
@@ -48,11 +47,11 @@ pub use rewrite::rewrite;
 use tract_onnx::tract_core::internal::*;
 
 /// Whether [`rewrite`] puts Tern's fused ops in plans on this CPU: every
-/// aarch64 CPU (NEON kernels), and x86-64 with AVX2 and FMA but without
-/// AVX-512, where tract's 16-lane kernels have not been measured against
-/// these 8-lane ones.
+/// aarch64 CPU (NEON kernels) and x86-64 with AVX2 and FMA (the AVX-512
+/// convolution kernel where the CPU has it). Each was measured against
+/// tract's own kernels on such a CPU (docs/performance.md).
 pub fn supported() -> bool {
-    cfg!(target_arch = "aarch64") || (has_kernel() && !has_avx512())
+    cfg!(target_arch = "aarch64") || has_kernel()
 }
 
 /// The ISA of the kernels the fused ops run on this CPU, in words: NEON,
