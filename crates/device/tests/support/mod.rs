@@ -63,9 +63,15 @@ pub fn graph_bundle(
         output: vec![value_info("logits", &[1, 3]), value_info("probabilities", &[1, 3])],
         ..Default::default()
     };
-    let manifest = Manifest {
+    let labels: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
+    tern_model_format::bundle::write(path, graph, test_manifest(labels, pre, io))
+}
+
+/// The manifest of the hand-made test bundles: `labels`, `pre`, `io`, f32.
+fn test_manifest(labels: Vec<String>, pre: Preprocessing, io: Io) -> Manifest {
+    Manifest {
         format_version: FORMAT_VERSION,
-        labels: labels.iter().map(|s| s.to_string()).collect(),
+        labels,
         preprocessing: pre,
         io,
         precision: Precision::F32,
@@ -79,8 +85,7 @@ pub fn graph_bundle(
             training: None,
         },
         graph_sha256: String::new(),
-    };
-    tern_model_format::bundle::write(path, graph, manifest)
+    }
 }
 
 pub fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeProto>) -> onnx::NodeProto {
@@ -185,24 +190,7 @@ pub fn labelled_bundle(path: &Path, labels: &[String], gain: f32) {
         output: vec![value_info("logits", &[1, n as i64]), value_info("probabilities", &[1, n as i64])],
         ..Default::default()
     };
-    let manifest = Manifest {
-        format_version: FORMAT_VERSION,
-        labels: labels.to_vec(),
-        preprocessing: pre,
-        io,
-        precision: Precision::F32,
-        quantization: None,
-        metrics: None,
-        architecture: ArchitectureInfo { backbone: "test-colour".into(), drop_blocks: 0, hidden: vec![] },
-        provenance: Provenance {
-            created_by: "tern-device tests".into(),
-            backbone_weights_sha256: "0".repeat(64),
-            backbone_weights_source: "none: hand-set weights".into(),
-            training: None,
-        },
-        graph_sha256: String::new(),
-    };
-    tern_model_format::bundle::write(path, graph, manifest).expect("write colour bundle");
+    tern_model_format::bundle::write(path, graph, test_manifest(labels.to_vec(), pre, io)).expect("write colour bundle");
 }
 
 /// A temp dir holding `colour.onnx`.
