@@ -4,9 +4,11 @@
 use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::Write;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
+use image::RgbImage;
 use serde::Serialize;
 
 use crate::smooth::Decision;
@@ -163,6 +165,35 @@ impl Event {
     }
 }
 
+/// One classified frame, as the loop hands it to [`Sink::frame`]: the
+/// pixels (shared, so a sink keeps the newest frame without copying it), the
+/// bundle's labels, this frame's probabilities, the smoothed ones and the
+/// decision that followed.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameView<'a> {
+    /// Frame number given by the source.
+    pub index: u64,
+    /// Name of the frame (file name), if it has one.
+    pub name: Option<&'a str>,
+    /// The frame as captured (the whole frame, also when `region` is set).
+    pub image: &'a Arc<RgbImage>,
+    /// The region of interest this classification is for (`None`: the
+    /// whole frame).
+    pub region: Option<&'a str>,
+    /// The bundle's labels.
+    pub labels: &'a [String],
+    /// This frame's probability per label.
+    pub probabilities: &'a [f32],
+    /// Smoothed probability per label.
+    pub smoothed: &'a [f32],
+    /// The decision after smoothing and thresholds.
+    pub decision: &'a Decision,
+    /// Preprocessing + inference time.
+    pub latency: Duration,
+    /// Wall-clock time of the decision, ms since the epoch.
+    pub ts_ms: u64,
+}
+
 /// A receiver of events and per-frame decisions.
 pub trait Sink {
     /// Handles one event. An error is logged by the loop, which goes on.
@@ -171,6 +202,14 @@ pub trait Sink {
     /// Sees every frame's decision, with the bundle's labels. Used by
     /// actuators that follow the active label; the default ignores it.
     fn decision(&mut self, _decision: &Decision, _labels: &[String]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Sees every classified frame with its pixels and probabilities, after
+    /// [`Sink::decision`] and before the frame's events. Used by the web
+    /// view, capture and snapshots; the default ignores it. It runs on the
+    /// inference thread: anything slow (encoding, disk) belongs elsewhere.
+    fn frame(&mut self, _view: &FrameView<'_>) -> Result<()> {
         Ok(())
     }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 
 use crate::engine::Classifier;
-use crate::events::{escape_for_terminal, now_ms, Event, Sink};
+use crate::events::{escape_for_terminal, now_ms, Event, FrameView, Sink};
 use crate::reload::{sleep_unless, Reloaded, Reloader};
 use crate::smooth::{argmax, Gate, Hysteresis, Smoother, Smoothing};
 use crate::source::{Frame, FrameSource, SourceError};
@@ -360,6 +360,24 @@ impl Looper<'_> {
         let d = self.gate.update(&smoothed);
         for s in sinks.iter_mut() {
             if let Err(e) = s.decision(&d, labels) {
+                eprintln!("tern-device: warning: {e:#}");
+            }
+        }
+        let image = Arc::new(frame.image);
+        let view = FrameView {
+            index: frame.index,
+            name: frame.name.as_deref(),
+            image: &image,
+            region: None,
+            labels,
+            probabilities: &probs,
+            smoothed: &smoothed,
+            decision: &d,
+            latency,
+            ts_ms: now_ms(),
+        };
+        for s in sinks.iter_mut() {
+            if let Err(e) = s.frame(&view) {
                 eprintln!("tern-device: warning: {e:#}");
             }
         }

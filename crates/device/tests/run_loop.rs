@@ -14,7 +14,7 @@ use anyhow::Result;
 use embedded_hal_mock::eh1::digital::{Mock as PinMock, State, Transaction};
 use support::*;
 use tern_device::actions::{GpioOutputs, PinRule};
-use tern_device::events::{Collect, Event, Sink};
+use tern_device::events::{Collect, Event, FrameView, Sink};
 use tern_device::runloop::{self, Backoff, LoopOptions, StopReason, Summary};
 use tern_device::smooth::{Decision, Hysteresis, Smoothing};
 use tern_device::source::{FrameSource, LoseAfter, Synthetic};
@@ -68,6 +68,48 @@ fn synthetic_source_gives_the_expected_labels() {
     assert_eq!(seqs, vec![(1, None), (2, Some("red".into())), (3, Some("green".into()))]);
     assert!(matches!(events.events.first(), Some(Event::Started { .. })));
     assert!(matches!(events.events.last(), Some(Event::Stopped { frames: 15, .. })));
+}
+
+/// Keeps what [`Sink::frame`] shows of each frame.
+#[derive(Default)]
+struct Frames {
+    seen: Vec<(u64, (u32, u32), Vec<String>, usize, Option<usize>, bool)>,
+}
+
+impl Sink for Frames {
+    fn event(&mut self, _e: &Event) -> Result<()> {
+        Ok(())
+    }
+
+    fn frame(&mut self, v: &FrameView<'_>) -> Result<()> {
+        assert_eq!(v.probabilities.len(), v.smoothed.len());
+        let sum: f32 = v.probabilities.iter().sum();
+        assert!((sum - 1.0).abs() < 1e-3, "probabilities sum to {sum}");
+        self.seen.push((
+            v.index,
+            v.image.dimensions(),
+            v.labels.to_vec(),
+            v.probabilities.len(),
+            v.decision.active,
+            v.region.is_none(),
+        ));
+        Ok(())
+    }
+}
+
+#[test]
+fn sinks_see_every_classified_frame_with_its_pixels_and_probabilities() {
+    let mut frames = Frames::default();
+    let s = run_synthetic("red*3,blue*2", &opts(Smoothing::None), &mut [&mut frames]);
+    assert_eq!(s.frames, 5);
+    let labels: Vec<String> = ["red", "green", "blue"].iter().map(|s| s.to_string()).collect();
+    let index = |l: &str| labels.iter().position(|x| x == l);
+    let want: Vec<_> = ["red", "red", "red", "blue", "blue"]
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u64, (64, 48), labels.clone(), 3, index(l), true))
+        .collect();
+    assert_eq!(frames.seen, want);
 }
 
 #[test]
