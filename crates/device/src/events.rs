@@ -63,6 +63,10 @@ pub enum Event {
         seq: u64,
         /// Frame that caused the change.
         frame: u64,
+        /// The region of interest whose label changed (absent: the whole
+        /// frame).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        region: Option<String>,
         /// The new active label; `null` when no label is confident enough.
         label: Option<String>,
         /// Its smoothed confidence (of the best label when `label` is null).
@@ -79,6 +83,9 @@ pub enum Event {
         /// Name of the frame (file name), if it has one.
         #[serde(skip_serializing_if = "Option::is_none")]
         name: Option<String>,
+        /// The region of interest classified (absent: the whole frame).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        region: Option<String>,
         /// Top-1 label of this frame alone.
         top: String,
         /// Its probability.
@@ -201,6 +208,8 @@ pub trait Sink {
 
     /// Sees every frame's decision, with the bundle's labels. Used by
     /// actuators that follow the active label; the default ignores it.
+    /// Whole-frame decisions only: with regions of interest each region's
+    /// decision comes through [`Sink::frame`] (`region: Some(..)`).
     fn decision(&mut self, _decision: &Decision, _labels: &[String]) -> Result<()> {
         Ok(())
     }

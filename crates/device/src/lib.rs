@@ -14,6 +14,7 @@ pub mod gpio;
 pub mod kernels;
 pub mod mqtt;
 pub mod reload;
+pub mod roi;
 pub mod runloop;
 pub mod smooth;
 pub mod source;

@@ -10,6 +10,12 @@
 //! A source that is lost (an unplugged camera) is reopened with
 //! exponential back-off while the loop keeps running; a replaced bundle is
 //! swapped in between two frames ([`crate::reload`]).
+//!
+//! With regions of interest ([`LoopOptions::regions`]) each frame is
+//! cropped to every region and each crop is classified, smoothed and gated
+//! on its own: one decision per region, label events that name the region,
+//! and [`Sink::frame`] once per region. [`Sink::decision`] sees whole-frame
+//! decisions only, so it is not called when regions are set.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +27,7 @@ use anyhow::{anyhow, Context, Result};
 use crate::engine::Classifier;
 use crate::events::{escape_for_terminal, now_ms, Event, FrameView, Sink};
 use crate::reload::{sleep_unless, Reloaded, Reloader};
+use crate::roi::{Fit, Region};
 use crate::smooth::{argmax, Gate, Hysteresis, Smoother, Smoothing};
 use crate::source::{Frame, FrameSource, SourceError};
 
@@ -65,6 +72,9 @@ pub struct LoopOptions {
     /// An inference (preprocessing + plan) slower than this is reported
     /// by a `slow-frame` event and counted (`None`: no watchdog).
     pub slow: Option<Duration>,
+    /// Regions of interest, each classified on its own (empty: the whole
+    /// frame).
+    pub regions: Vec<Region>,
 }
 
 impl Default for LoopOptions {
@@ -79,6 +89,7 @@ impl Default for LoopOptions {
             reopen: Backoff::default(),
             log: false,
             slow: None,
+            regions: Vec::new(),
         }
     }
 }
@@ -223,8 +234,7 @@ where
 
     let mut l = Looper {
         opts,
-        smoother: Smoother::new(opts.smoothing),
-        gate: Gate::new(opts.thresholds),
+        tracks: Track::all(opts),
         summary: Summary::default(),
         period: Period::new(),
         seq: 0,
@@ -311,10 +321,62 @@ where
     Ok(l.summary)
 }
 
-struct Looper<'a> {
-    opts: &'a LoopOptions,
+/// The whole frame, or one region, with its own smoothing and hysteresis.
+struct Track {
+    region: Option<Region>,
     smoother: Smoother,
     gate: Gate,
+    /// The frame size the region was last checked against.
+    checked: Option<(u32, u32)>,
+}
+
+impl Track {
+    fn all(opts: &LoopOptions) -> Vec<Track> {
+        let track = |region| Track {
+            region,
+            smoother: Smoother::new(opts.smoothing),
+            gate: Gate::new(opts.thresholds),
+            checked: None,
+        };
+        if opts.regions.is_empty() {
+            vec![track(None)]
+        } else {
+            opts.regions.iter().cloned().map(|r| track(Some(r))).collect()
+        }
+    }
+
+    /// Warns once per frame size when the region does not lie inside it.
+    fn check(&mut self, size: (u32, u32)) {
+        let Some(r) = &self.region else { return };
+        if self.checked == Some(size) {
+            return;
+        }
+        self.checked = Some(size);
+        match r.fit(size.0, size.1) {
+            Fit::Inside(_) => {}
+            Fit::Clamped((x, y, w, h)) => eprintln!(
+                "tern-device: warning: region {r} reaches past the {}x{} frame; classifying {x},{y},{w},{h}",
+                size.0, size.1
+            ),
+            Fit::Outside => eprintln!(
+                "tern-device: warning: region {r} lies outside the {}x{} frame; it is not classified",
+                size.0, size.1
+            ),
+        }
+    }
+}
+
+/// The frame that a classification is of.
+struct Seen<'a> {
+    index: u64,
+    name: Option<&'a str>,
+    image: &'a Arc<image::RgbImage>,
+    age: Duration,
+}
+
+struct Looper<'a> {
+    opts: &'a LoopOptions,
+    tracks: Vec<Track>,
     summary: Summary,
     period: Period,
     seq: u64,
@@ -333,44 +395,87 @@ impl Looper<'_> {
     }
 
     fn frame(&mut self, sinks: &mut [&mut dyn Sink], clf: &mut Classifier, frame: Frame) {
-        let t0 = Instant::now();
-        let out = match clf.classify_rgb8(&frame.image) {
-            Ok(o) => o,
-            Err(e) => {
-                self.summary.failed_frames += 1;
-                let e = format!("{e:#}");
-                eprintln!("tern-device: warning: frame {}: inference failed: {}", frame.index, escape_for_terminal(&e));
-                return;
-            }
-        };
-        let latency = t0.elapsed();
-        let age = frame.captured.elapsed();
-        self.summary.frames += 1;
-        self.period.add(latency, age);
-        if let Some(limit) = self.opts.slow.filter(|l| latency > *l) {
-            self.summary.slow_frames += 1;
-            self.period.slow += 1;
-            let ms = |d: Duration| d.as_secs_f64() * 1e3;
-            let e = Event::SlowFrame { ts_ms: now_ms(), frame: frame.index, latency_ms: ms(latency), limit_ms: ms(limit) };
-            self.emit(sinks, e);
-        }
-        let labels = &clf.manifest().labels;
-        let probs = clf.label_probabilities(&out);
-        let smoothed = self.smoother.update(&probs);
-        let d = self.gate.update(&smoothed);
-        for s in sinks.iter_mut() {
-            if let Err(e) = s.decision(&d, labels) {
-                eprintln!("tern-device: warning: {e:#}");
-            }
-        }
         let image = Arc::new(frame.image);
+        let mut tracks = std::mem::take(&mut self.tracks);
+        // (track, probabilities, latency) of each classification.
+        let mut done = Vec::with_capacity(tracks.len());
+        let mut failed = false;
+        for (i, track) in tracks.iter_mut().enumerate() {
+            track.check(image.dimensions());
+            let t0 = Instant::now();
+            let out = match &track.region {
+                None => clf.classify_rgb8(&image),
+                Some(r) => {
+                    let Some(crop) = r.crop(&image) else { continue };
+                    clf.classify_rgb8(&crop)
+                }
+            };
+            let latency = t0.elapsed();
+            match out {
+                Ok(o) => done.push((i, clf.label_probabilities(&o), latency)),
+                Err(e) => {
+                    failed = true;
+                    let e = format!("{e:#}");
+                    let region = track.region.as_ref().map(|r| format!(" region {}", r.name)).unwrap_or_default();
+                    eprintln!(
+                        "tern-device: warning: frame {}{region}: inference failed: {}",
+                        frame.index,
+                        escape_for_terminal(&e)
+                    );
+                }
+            }
+        }
+        self.summary.failed_frames += u64::from(failed);
+        if !done.is_empty() {
+            let latency: Duration = done.iter().map(|d| d.2).sum();
+            let age = frame.captured.elapsed();
+            self.summary.frames += 1;
+            self.period.add(latency, age);
+            if let Some(limit) = self.opts.slow.filter(|l| latency > *l) {
+                self.summary.slow_frames += 1;
+                self.period.slow += 1;
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let (latency_ms, limit_ms) = (ms(latency), ms(limit));
+                self.emit(sinks, Event::SlowFrame { ts_ms: now_ms(), frame: frame.index, latency_ms, limit_ms });
+            }
+            let seen = Seen { index: frame.index, name: frame.name.as_deref(), image: &image, age };
+            for (i, probs, latency) in done {
+                self.decide(sinks, clf, &mut tracks[i], &seen, &probs, latency);
+            }
+        }
+        self.tracks = tracks;
+    }
+
+    /// Smooths and gates one classification of the whole frame or of one
+    /// region, and hands the decision and its events to the sinks.
+    fn decide(
+        &mut self,
+        sinks: &mut [&mut dyn Sink],
+        clf: &Classifier,
+        track: &mut Track,
+        seen: &Seen<'_>,
+        probs: &[f32],
+        latency: Duration,
+    ) {
+        let Seen { index, name, image, age } = *seen;
+        let labels = &clf.manifest().labels;
+        let smoothed = track.smoother.update(probs);
+        let d = track.gate.update(&smoothed);
+        let region = track.region.as_ref().map(|r| r.name.as_str());
+        if region.is_none() {
+            for s in sinks.iter_mut() {
+                if let Err(e) = s.decision(&d, labels) {
+                    eprintln!("tern-device: warning: {e:#}");
+                }
+            }
+        }
         let view = FrameView {
-            index: frame.index,
-            name: frame.name.as_deref(),
-            image: &image,
-            region: None,
+            index,
+            name,
+            image,
+            region,
             labels,
-            probabilities: &probs,
+            probabilities: probs,
             smoothed: &smoothed,
             decision: &d,
             latency,
@@ -381,7 +486,7 @@ impl Looper<'_> {
                 eprintln!("tern-device: warning: {e:#}");
             }
         }
-        let name = |i: Option<usize>| i.and_then(|i| labels.get(i)).cloned();
+        let label = |i: Option<usize>| i.and_then(|i| labels.get(i)).cloned();
         let mut events = Vec::new();
         if d.changed {
             self.seq += 1;
@@ -389,21 +494,23 @@ impl Looper<'_> {
             events.push(Event::Label {
                 ts_ms: now_ms(),
                 seq: self.seq,
-                frame: frame.index,
-                label: name(d.active),
+                frame: index,
+                region: region.map(str::to_owned),
+                label: label(d.active),
                 confidence: d.confidence,
-                previous: name(d.previous),
+                previous: label(d.previous),
             });
         }
         if self.opts.frame_events {
-            let top = argmax(&probs);
+            let top = argmax(probs);
             events.push(Event::Frame {
                 ts_ms: now_ms(),
-                frame: frame.index,
-                name: frame.name,
-                top: name(top).unwrap_or_default(),
+                frame: index,
+                name: name.map(str::to_owned),
+                region: region.map(str::to_owned),
+                top: label(top).unwrap_or_default(),
                 probability: top.map_or(0.0, |i| probs[i]),
-                active: name(d.active),
+                active: label(d.active),
                 confidence: d.confidence,
                 latency_ms: latency.as_secs_f64() * 1e3,
                 age_ms: age.as_secs_f64() * 1e3,
@@ -423,8 +530,10 @@ impl Looper<'_> {
                 self.summary.reloads += 1;
                 if !same_labels {
                     // Old smoothed scores mean nothing for new labels.
-                    self.smoother.reset();
-                    self.gate.reset();
+                    for t in &mut self.tracks {
+                        t.smoother.reset();
+                        t.gate.reset();
+                    }
                 }
                 Event::Reload { ts_ms: now_ms(), bundle, ok: true, detail: format!("now running {detail}") }
             }

@@ -113,6 +113,7 @@ fn label_event(seq: u64) -> Event {
         ts_ms: now_ms(),
         seq,
         frame: seq * 10,
+        region: None,
         label: Some(label.into()),
         confidence: 0.9,
         previous: Some(COLORS[((seq + 2) % 3) as usize].into()),

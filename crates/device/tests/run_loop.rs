@@ -31,6 +31,7 @@ fn opts(smoothing: Smoothing) -> LoopOptions {
         reopen: Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(40), attempts: Some(10) },
         log: false,
         slow: None,
+        regions: Vec::new(),
     }
 }
 
@@ -143,8 +144,8 @@ fn gpio_pins_follow_the_active_label() {
     let blue =
         PinMock::new(&[Transaction::set(State::Low), Transaction::set(State::High), Transaction::set(State::Low)]);
     let rules = [
-        PinRule { label: "red".into(), line: 17, min_confidence: 0.0 },
-        PinRule { label: "blue".into(), line: 27, min_confidence: 0.9 },
+        PinRule { region: None, label: "red".into(), line: 17, min_confidence: 0.0 },
+        PinRule { region: None, label: "blue".into(), line: 27, min_confidence: 0.9 },
     ];
     let mut gpio = GpioOutputs::new(vec![(rules[0].clone(), red), (rules[1].clone(), blue)]).unwrap();
     let mut events = Collect::default();
@@ -159,7 +160,7 @@ fn gpio_pins_follow_the_active_label() {
 fn the_minimum_confidence_keeps_a_pin_off() {
     // Blue frames give ~0.99; a minimum of 0.999 9 is never reached.
     let blue = PinMock::new(&[Transaction::set(State::Low)]);
-    let rule = PinRule { label: "blue".into(), line: 27, min_confidence: 0.9999 };
+    let rule = PinRule { region: None, label: "blue".into(), line: 27, min_confidence: 0.9999 };
     let mut gpio = GpioOutputs::new(vec![(rule, blue)]).unwrap();
     let mut events = Collect::default();
     run_synthetic("blue*6", &opts(Smoothing::None), &mut [&mut gpio, &mut events]);

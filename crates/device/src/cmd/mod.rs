@@ -36,6 +36,7 @@ pub mod classify;
 pub mod eval;
 pub mod info;
 pub mod run;
+pub mod run_extras;
 pub mod selftest;
 
 /// How a subcommand loads its bundle: the options every one of them shares.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use tern_device::actions::{check_labels, parse_rules, GpioOutputs, PinRule};
+use tern_device::actions::{check_labels, parse_rules_in, GpioOutputs, PinRule};
 use tern_device::events::{JsonLines, Sink};
 use tern_device::mqtt::{parse_qos, Credentials, MqttSettings, MqttSink, MqttTarget, TlsFiles};
 use tern_device::reload::{Check, Reloader};
@@ -132,6 +132,8 @@ pub struct Args {
     /// How the bundle, and every reloaded one, is loaded.
     #[command(flatten)]
     engine: super::EngineArgs,
+    #[command(flatten)]
+    roi: super::run_extras::RoiArgs,
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
@@ -156,7 +158,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if let (Some(k), false) = (&signer, a.quiet) {
         eprintln!("{}: signed by trusted key {}", a.bundle.display(), k.describe());
     }
-    let rules = a.gpio.as_deref().map(parse_rules).transpose()?;
+    let regions = a.roi.regions()?;
+    let names: Vec<String> = regions.iter().map(|r| r.name.clone()).collect();
+    let rules = a.gpio.as_deref().map(|g| parse_rules_in(g, &names)).transpose()?;
     if let Some(r) = &rules {
         check_labels(r, &classifier.manifest().labels).with_context(|| format!("bundle {}", a.bundle.display()))?;
     }
@@ -175,6 +179,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         },
         log: !a.quiet,
         slow: a.slow_ms.map(Duration::from_millis),
+        regions: regions.clone(),
     };
 
     let mut stdout = JsonLines::new(std::io::stdout(), a.every_frame);
