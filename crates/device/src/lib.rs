@@ -11,6 +11,7 @@ pub mod events;
 #[cfg_attr(feature = "gpio", path = "gpio/cdev.rs")]
 #[cfg_attr(not(feature = "gpio"), path = "gpio/none.rs")]
 pub mod gpio;
+pub mod ha;
 pub mod kernels;
 pub mod mqtt;
 pub mod reload;

@@ -7,7 +7,14 @@
 //! - `BASE/TOPIC/state`: the current label, retained, so a subscriber that
 //!   connects later learns it at once;
 //! - `BASE/TOPIC/status`: `online`, retained, and `offline` as the last
-//!   will when the device drops off.
+//!   will when the device drops off;
+//! - with regions of interest, `BASE/TOPIC/REGION/state`: each region's
+//!   current label, retained, like `BASE/TOPIC/state` (label events on
+//!   `BASE/TOPIC/events` carry `region`);
+//! - with Home Assistant discovery ([`MqttSettings::ha`], [`crate::ha`]),
+//!   the retained config messages of its entities, sent again on every
+//!   connection and whenever Home Assistant announces `online` on
+//!   `PREFIX/status`.
 //!
 //! Every packet is at most [`MqttSettings::max_packet`] bytes (64 KiB by
 //! default, both directions). An event whose JSON would not fit is trimmed
@@ -54,7 +61,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::Value;
 
-use crate::events::{now_ms, Event, Sink};
+use crate::events::{now_ms, Event, FrameView, Sink};
+use crate::ha::{HaDiscovery, MAX_BINARY_SENSORS};
 
 /// Where to publish: `mqtt://host:1883/tern/kitchen-pi`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +145,15 @@ impl MqttTarget {
     /// `BASE/status`.
     pub fn status_topic(&self) -> String {
         format!("{}/status", self.base)
+    }
+
+    /// `BASE/REGION/state` of a region of interest; `BASE/state` for the
+    /// whole frame.
+    pub fn state_topic_of(&self, region: Option<&str>) -> String {
+        match region {
+            Some(r) => format!("{}/{r}/state", self.base),
+            None => self.state_topic(),
+        }
     }
 }
 
@@ -281,6 +298,9 @@ pub struct MqttSettings {
     pub credentials: Option<Credentials>,
     /// Print a summary line of the counters on stderr when closing.
     pub log: bool,
+    /// Home Assistant discovery: the config messages sent once the bundle's
+    /// labels are known (the `started` event).
+    pub ha: Option<HaDiscovery>,
 }
 
 impl Default for MqttSettings {
@@ -297,6 +317,7 @@ impl Default for MqttSettings {
             tls: TlsFiles::default(),
             credentials: None,
             log: false,
+            ha: None,
         }
     }
 }
@@ -385,8 +406,30 @@ struct Queued {
 #[derive(Debug)]
 enum Kind {
     Event(Queued),
-    State,
+    /// A retained message ([`Retained`]), by topic.
+    Retained(String),
     Status,
+}
+
+/// A retained message sent on every connection: a current label, or a
+/// discovery config (an empty payload removes a config).
+#[derive(Debug)]
+struct Retained {
+    topic: String,
+    payload: Vec<u8>,
+    /// To be sent.
+    dirty: bool,
+}
+
+/// Sets the retained message of `topic` in `list`, to be sent.
+fn set_retained(list: &mut Vec<Retained>, topic: String, payload: Vec<u8>) {
+    match list.iter_mut().find(|r| r.topic == topic) {
+        Some(r) => {
+            r.payload = payload;
+            r.dirty = true;
+        }
+        None => list.push(Retained { topic, payload, dirty: true }),
+    }
 }
 
 /// A publish handed to rumqttc, waiting for its packet id and ack.
@@ -400,8 +443,13 @@ struct Inflight {
 struct State {
     queue: VecDeque<Queued>,
     inflight: VecDeque<Inflight>,
-    current: Option<Vec<u8>>,
-    state_dirty: bool,
+    /// Discovery configs, sent before the states.
+    discovery: Vec<Retained>,
+    /// Current labels: the whole frame's, or each region's.
+    states: Vec<Retained>,
+    /// Home Assistant's status topic, to subscribe to on every connection.
+    ha_status: Option<String>,
+    subscribe_dirty: bool,
     status_dirty: bool,
     connected: bool,
     /// The last connection attempt was refused by the broker (credentials,
@@ -420,6 +468,33 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    /// Marks every retained message to be sent again.
+    fn resend_retained(&mut self) {
+        for r in self.discovery.iter_mut().chain(self.states.iter_mut()) {
+            r.dirty = true;
+        }
+    }
+
+    /// The next retained message to send (discovery first), marked sent.
+    fn take_dirty(&mut self) -> Option<(String, Vec<u8>)> {
+        let r = self.discovery.iter_mut().chain(self.states.iter_mut()).find(|r| r.dirty)?;
+        r.dirty = false;
+        Some((r.topic.clone(), r.payload.clone()))
+    }
+
+    /// Marks the retained message of `topic` to be sent again.
+    fn mark_dirty(&mut self, topic: &str) {
+        if let Some(r) = self.discovery.iter_mut().chain(self.states.iter_mut()).find(|r| r.topic == topic) {
+            r.dirty = true;
+        }
+    }
+
+    fn retained_dirty(&self) -> bool {
+        self.discovery.iter().chain(&self.states).any(|r| r.dirty)
     }
 }
 
@@ -618,6 +693,10 @@ pub struct MqttSink {
     shared: Arc<Shared>,
     client: Client,
     threads: Vec<JoinHandle<()>>,
+    /// The labels whose discovery configs were sent.
+    advertised: Option<Vec<String>>,
+    /// A bundle was reloaded: the labels may have changed.
+    relabelled: bool,
 }
 
 impl MqttSink {
@@ -665,7 +744,8 @@ impl MqttSink {
         let mut net = conn.eventloop.network_options();
         net.set_connection_timeout(3);
         conn.eventloop.set_network_options(net);
-        let shared = Arc::new(Shared { state: Mutex::new(State::default()), wake: Condvar::new() });
+        let state = State { ha_status: settings.ha.as_ref().map(HaDiscovery::status_topic), ..State::default() };
+        let shared = Arc::new(Shared { state: Mutex::new(state), wake: Condvar::new() });
         let mut threads = Vec::new();
         {
             let (shared, settings, target) = (shared.clone(), settings.clone(), target.clone());
@@ -685,7 +765,7 @@ impl MqttSink {
                     .context("cannot start the MQTT thread")?,
             );
         }
-        Ok(MqttSink { target, settings, client_id, shared, client, threads })
+        Ok(MqttSink { target, settings, client_id, shared, client, threads, advertised: None, relabelled: false })
     }
 
     /// The topics' target.
@@ -722,11 +802,61 @@ impl MqttSink {
 
     /// Sets the retained current label on `BASE/state`.
     pub fn set_state(&self, payload: Vec<u8>) {
+        self.set_state_of(None, payload);
+    }
+
+    /// Sets the retained current label of a region on `BASE/REGION/state`
+    /// (`None`: the whole frame's, on `BASE/state`).
+    pub fn set_state_of(&self, region: Option<&str>, payload: Vec<u8>) {
         let mut s = self.shared.lock();
-        s.current = Some(payload);
-        s.state_dirty = true;
+        set_retained(&mut s.states, self.target.state_topic_of(region), payload);
         drop(s);
         self.shared.wake.notify_all();
+    }
+
+    /// Publishes the Home Assistant discovery configs for a bundle with
+    /// `labels` (retained, and again on every connection), and removes
+    /// those of an earlier bundle that the new labels no longer have. A
+    /// config too large for the packet limit is left out and counted as
+    /// failed. Nothing without [`MqttSettings::ha`].
+    pub fn advertise(&mut self, labels: &[String]) {
+        let Some(ha) = &self.settings.ha else { return };
+        if self.advertised.as_deref() == Some(labels) {
+            return;
+        }
+        if !HaDiscovery::binary_sensors(labels) && self.settings.log {
+            eprintln!(
+                "tern-device: mqtt: Home Assistant: the bundle has {} labels; binary sensors are made for at most \
+                 {MAX_BINARY_SENSORS}, so only the label sensor is announced",
+                labels.len()
+            );
+        }
+        let configs = ha.configs(&self.target, labels);
+        let mut s = self.shared.lock();
+        let mut fresh: Vec<String> = Vec::with_capacity(configs.len());
+        for c in configs {
+            let payload = c.payload.to_string().into_bytes();
+            if payload.len() > payload_room(self.settings.max_packet, &c.topic) {
+                s.stats.failed += 1;
+                eprintln!(
+                    "tern-device: mqtt: Home Assistant config {} ({} bytes) exceeds the packet limit \
+                     (--mqtt-max-packet {}); left out",
+                    c.topic,
+                    payload.len(),
+                    self.settings.max_packet
+                );
+                continue;
+            }
+            fresh.push(c.topic.clone());
+            set_retained(&mut s.discovery, c.topic, payload);
+        }
+        for r in s.discovery.iter_mut().filter(|r| !fresh.contains(&r.topic) && !r.payload.is_empty()) {
+            r.payload.clear();
+            r.dirty = true;
+        }
+        drop(s);
+        self.shared.wake.notify_all();
+        self.advertised = Some(labels.to_vec());
     }
 
     /// Counters now.
@@ -746,7 +876,7 @@ impl MqttSink {
         let deadline = Instant::now() + timeout;
         let mut s = self.shared.lock();
         loop {
-            if s.queue.is_empty() && s.inflight.is_empty() && !s.state_dirty {
+            if s.queue.is_empty() && s.inflight.is_empty() && !s.retained_dirty() {
                 return true;
             }
             let now = Instant::now();
@@ -824,14 +954,19 @@ impl Sink for MqttSink {
     fn event(&mut self, event: &Event) -> Result<()> {
         match event {
             Event::Frame { .. } => return Ok(()),
-            Event::Label { label, confidence, frame, seq, .. } => {
-                let state = serde_json::json!({
+            Event::Label { label, confidence, frame, seq, region, .. } => {
+                let mut state = serde_json::json!({
                     "label": label, "confidence": confidence, "frame": frame, "seq": seq, "ts_ms": now_ms(),
                 });
-                if let Some(p) = self.fit(state, &self.target.state_topic()) {
-                    self.set_state(p);
+                if let (Some(r), Value::Object(o)) = (region, &mut state) {
+                    o.insert("region".into(), Value::from(r.as_str()));
+                }
+                if let Some(p) = self.fit(state, &self.target.state_topic_of(region.as_deref())) {
+                    self.set_state_of(region.as_deref(), p);
                 }
             }
+            Event::Started { labels, .. } => self.advertise(labels),
+            Event::Reload { ok: true, .. } => self.relabelled = true,
             _ => {}
         }
         let topic = self.target.events_topic();
@@ -863,6 +998,13 @@ impl Sink for MqttSink {
         Ok(())
     }
 
+    fn frame(&mut self, view: &FrameView<'_>) -> Result<()> {
+        if std::mem::take(&mut self.relabelled) {
+            self.advertise(view.labels);
+        }
+        Ok(())
+    }
+
     fn finish(&mut self) -> Result<()> {
         self.close();
         Ok(())
@@ -886,9 +1028,18 @@ fn feed_thread(client: &Client, shared: &Shared, settings: &MqttSettings, target
         let (topic, retain, kind, payload) = if s.status_dirty {
             s.status_dirty = false;
             (target.status_topic(), true, Kind::Status, b"online".to_vec())
-        } else if s.state_dirty && s.current.is_some() {
-            s.state_dirty = false;
-            (target.state_topic(), true, Kind::State, s.current.clone().unwrap_or_default())
+        } else if s.subscribe_dirty {
+            s.subscribe_dirty = false;
+            if let Some(topic) = s.ha_status.clone() {
+                if client.try_subscribe(topic, QoS::AtMostOnce).is_err() {
+                    s.subscribe_dirty = true;
+                    let wait = shared.wake.wait_timeout(s, Duration::from_millis(20));
+                    s = wait.map_or_else(|p| p.into_inner().0, |r| r.0);
+                }
+            }
+            continue;
+        } else if let Some((topic, payload)) = s.take_dirty() {
+            (topic.clone(), true, Kind::Retained(topic), payload)
         } else if let Some(q) = s.queue.pop_front() {
             let p = q.payload.clone();
             (target.events_topic(), false, Kind::Event(q), p)
@@ -910,7 +1061,7 @@ fn feed_thread(client: &Client, shared: &Shared, settings: &MqttSettings, target
                 // rumqttc's request channel is full: put it back and wait.
                 match kind {
                     Kind::Event(q) => s.queue.push_front(q),
-                    Kind::State => s.state_dirty = true,
+                    Kind::Retained(topic) => s.mark_dirty(&topic),
                     Kind::Status => s.status_dirty = true,
                 }
                 s = shared.wake.wait_timeout(s, Duration::from_millis(20)).map_or_else(|p| p.into_inner().0, |r| r.0);
@@ -946,12 +1097,19 @@ fn network_thread(mut conn: Connection, shared: &Shared, settings: &MqttSettings
                 s.stats.connected = true;
                 s.stats.connects += 1;
                 s.status_dirty = true;
-                s.state_dirty = s.current.is_some();
+                s.resend_retained();
+                s.subscribe_dirty = s.ha_status.is_some();
                 if failures > 0 {
                     eprintln!("tern-device: mqtt: connected to {}:{} again", target.host, target.port);
                 }
                 connected_at = Some(Instant::now());
                 acked = false;
+            }
+            Ok(Ok(MqttEvent::Incoming(Packet::Publish(p))))
+                if s.ha_status.as_deref() == Some(p.topic.as_str()) && p.payload.as_ref() == b"online" =>
+            {
+                // Home Assistant (re)started: it wants the configs again.
+                s.resend_retained();
             }
             Ok(Ok(MqttEvent::Outgoing(Outgoing::Publish(pkid)))) if pkid != 0 => {
                 if let Some(f) = s.inflight.iter_mut().find(|f| f.pkid.is_none()) {

@@ -209,6 +209,7 @@ fn the_cli_runs_regions_and_refuses_bad_ones() {
         (&["--roi", "left=0,0,20,30", "--gpio", "red=17"], "REGION:LABEL=LINE"),
         (&["--roi", "left=0,0,20,30", "--gpio", "middle:red=17"], "no region \"middle\""),
         (&["--roi", "left=0,0,20,30", "--gpio", "left:purple=17"], "purple"),
+        (&["--ha-discovery"], "--mqtt"),
     ];
     for (extra, needle) in cases {
         let out = with(extra);

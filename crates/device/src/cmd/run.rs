@@ -134,6 +134,8 @@ pub struct Args {
     engine: super::EngineArgs,
     #[command(flatten)]
     roi: super::run_extras::RoiArgs,
+    #[command(flatten)]
+    ha: super::run_extras::HaArgs,
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
@@ -190,6 +192,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let mut mqtt = match &a.mqtt {
         Some(url) => {
             let target = MqttTarget::parse(url)?;
+            let ha = a.ha.discovery(&target, a.mqtt_client_id.as_deref(), &regions)?;
             let credentials = Credentials::resolve(a.mqtt_username.clone(), a.mqtt_password_file.as_deref(), |k| {
                 std::env::var(k).ok()
             })?;
@@ -201,6 +204,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 tls: TlsFiles { ca: a.mqtt_ca.clone(), cert: a.mqtt_cert.clone(), key: a.mqtt_key.clone() },
                 credentials,
                 log: !a.quiet,
+                ha,
                 ..MqttSettings::default()
             };
             Some(MqttSink::start(target, settings).with_context(|| format!("MQTT {url}"))?)
