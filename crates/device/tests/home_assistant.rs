@@ -288,3 +288,23 @@ fn configs_are_sent_again_when_home_assistant_comes_online() {
     });
     sink.close();
 }
+
+#[test]
+fn a_config_over_the_packet_limit_is_left_out_and_counted() {
+    // No broker needed: configs are built and sized before any connection.
+    let target = MqttTarget::parse("mqtt://127.0.0.1:1/tern/big").unwrap();
+    let ha = HaDiscovery::new("homeassistant", "big", "Big", vec![]).unwrap();
+    let settings = MqttSettings {
+        ha: Some(ha),
+        max_packet: 1024,
+        flush_timeout: Duration::from_millis(10),
+        ..MqttSettings::default()
+    };
+    let mut sink = MqttSink::start(target, settings).unwrap();
+    // The binary sensor of the long label names it twice (name and
+    // template): over 1 KiB. The sensor and the short label fit.
+    let labels = vec!["red".to_owned(), "g".repeat(600), "blue".to_owned()];
+    sink.advertise(&labels);
+    assert_eq!(sink.stats().failed, 1);
+    sink.close();
+}
