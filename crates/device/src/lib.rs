@@ -11,6 +11,7 @@ pub mod events;
 pub mod gpio;
 pub mod kernels;
 pub mod mqtt;
+pub mod netcam;
 pub mod reload;
 pub mod runloop;
 pub mod smooth;
