@@ -1,11 +1,14 @@
 //! Local cameras: what to open ([`CameraSpec`]), what was found
 //! ([`CameraInfo`]), and the backend chosen by the `camera` feature —
 //! nokhwa's V4L2 (`v4l.rs`) or a stand-in with the same API that says the
-//! binary was built without camera support (`none.rs`).
+//! binary was built without camera support (`none.rs`). [`nodes`] explains
+//! the machine's V4L2 device nodes in either build.
 
 #[cfg_attr(feature = "camera", path = "v4l.rs")]
 #[cfg_attr(not(feature = "camera"), path = "none.rs")]
 mod backend;
+
+pub mod nodes;
 
 pub use backend::{list, open, AVAILABLE};
 
