@@ -338,3 +338,12 @@ fn oversized_and_garbage_parts_are_bad_frames_with_bounded_memory() {
     assert!(peak_mib > 0, "the peak memory of the client was not read");
     assert!(peak_mib < 48, "tern-device peaked at {peak_mib} MiB reading 64 MiB parts with a 1 MiB limit");
 }
+
+#[test]
+fn rtsp_urls_are_refused_clearly() {
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let out = run(&[bundle.to_str().unwrap(), "--url", "rtsp://127.0.0.1:9/x"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("rtsp://127.0.0.1:9/x") && stderr.contains("HTTP MJPEG URL"), "{stderr}");
+}
