@@ -3,8 +3,6 @@
 #![deny(missing_docs)]
 
 pub mod actions;
-#[cfg_attr(feature = "camera", path = "camera/v4l.rs")]
-#[cfg_attr(not(feature = "camera"), path = "camera/none.rs")]
 pub mod camera;
 pub mod engine;
 pub mod events;
@@ -14,6 +12,7 @@ pub mod gpio;
 pub mod ha;
 pub mod kernels;
 pub mod mqtt;
+pub mod netcam;
 pub mod reload;
 pub mod roi;
 pub mod runloop;

@@ -323,18 +323,18 @@ impl FrameSource for MjpegFile {
 
 /// Keeps a steady frame rate.
 #[derive(Debug)]
-struct Pace {
+pub(crate) struct Pace {
     period: Duration,
     next: Option<Instant>,
 }
 
 impl Pace {
-    fn new(fps: f64) -> Pace {
+    pub(crate) fn new(fps: f64) -> Pace {
         let period = if fps > 0.0 && fps.is_finite() { Duration::from_secs_f64(1.0 / fps) } else { Duration::ZERO };
         Pace { period, next: None }
     }
 
-    fn wait(&mut self) {
+    pub(crate) fn wait(&mut self) {
         let now = Instant::now();
         let due = self.next.unwrap_or(now);
         if due > now {

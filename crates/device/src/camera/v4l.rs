@@ -12,34 +12,11 @@ use nokhwa::utils::{
 use nokhwa::Camera;
 use tern_model_format::preprocess::decode_image;
 
+use super::{CameraInfo, CameraSpec};
 use crate::source::{Frame, FrameSource, SourceError};
 
 /// Whether this build can open cameras.
 pub const AVAILABLE: bool = true;
-
-/// What to open: `0`, `/dev/video2`, with an optional resolution and rate.
-#[derive(Debug, Clone, Default)]
-pub struct CameraSpec {
-    /// Index or device path.
-    pub device: String,
-    /// Wanted resolution (width, height).
-    pub resolution: Option<(u32, u32)>,
-    /// Wanted frame rate.
-    pub fps: Option<u32>,
-}
-
-/// A camera found on the system.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CameraInfo {
-    /// Index to pass to `--camera`.
-    pub index: String,
-    /// Human-readable name.
-    pub name: String,
-    /// Driver description.
-    pub description: String,
-    /// Supported formats, e.g. `MJPEG 1280x720@30`.
-    pub formats: Vec<String>,
-}
 
 /// Lists the V4L2 cameras and the formats each offers. No camera is an
 /// empty list, not an error.

@@ -35,6 +35,7 @@ pub mod cameras;
 pub mod classify;
 pub mod eval;
 pub mod info;
+pub mod netcam;
 pub mod run;
 pub mod run_extras;
 pub mod selftest;

@@ -136,6 +136,9 @@ pub struct Args {
     roi: super::run_extras::RoiArgs,
     #[command(flatten)]
     ha: super::run_extras::HaArgs,
+    /// A network camera (`--url`) and its options.
+    #[command(flatten)]
+    netcam: super::netcam::NetcamArgs,
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
@@ -166,7 +169,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if let Some(r) = &rules {
         check_labels(r, &classifier.manifest().labels).with_context(|| format!("bundle {}", a.bundle.display()))?;
     }
-    let live = a.camera.is_some() || a.fps.is_some();
+    let live = a.camera.is_some() || a.netcam.url.is_some() || a.fps.is_some();
     let opts = LoopOptions {
         smoothing: a.smoothing,
         thresholds,
@@ -252,6 +255,9 @@ fn source_opener(a: &Args) -> Result<Opener> {
         };
         return Ok(Box::new(move || camera::open(&spec)));
     }
+    if let Some((url, settings)) = a.netcam.settings(fps)? {
+        return Ok(Box::new(move || tern_device::netcam::open(&url, &settings)));
+    }
     if let Some(dir) = &a.folder {
         let src = ImageFiles::folder(dir)?.repeat(repeat).fps(fps);
         return Ok(Box::new(move || Ok(Box::new(src) as Box<dyn FrameSource>)));
@@ -268,7 +274,7 @@ fn source_opener(a: &Args) -> Result<Opener> {
         let src = Synthetic::parse(script)?.repeat(repeat).fps(fps);
         return Ok(Box::new(move || Ok(Box::new(src) as Box<dyn FrameSource>)));
     }
-    Err(anyhow!("no frame source: give --camera, --folder, --sequence, --video or --synthetic"))
+    Err(anyhow!("no frame source: give --camera, --url, --folder, --sequence, --video or --synthetic"))
 }
 
 fn open_pins(rules: &[PinRule], chip: &str) -> Result<GpioOutputs<gpio::Pin>> {
