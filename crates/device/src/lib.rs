@@ -6,6 +6,7 @@ pub mod actions;
 #[cfg_attr(feature = "camera", path = "camera/v4l.rs")]
 #[cfg_attr(not(feature = "camera"), path = "camera/none.rs")]
 pub mod camera;
+pub mod capture;
 pub mod engine;
 pub mod events;
 #[cfg_attr(feature = "gpio", path = "gpio/cdev.rs")]
@@ -16,6 +17,7 @@ pub mod mqtt;
 pub mod reload;
 pub mod runloop;
 pub mod smooth;
+pub mod snapshot;
 pub mod source;
 pub mod trust;
 pub mod evaluate;

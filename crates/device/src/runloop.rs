@@ -384,6 +384,7 @@ impl Looper<'_> {
         let name = |i: Option<usize>| i.and_then(|i| labels.get(i)).cloned();
         let mut events = Vec::new();
         if d.changed {
+            let snapshot = sinks.iter_mut().find_map(|s| s.snapshot(&view));
             self.seq += 1;
             self.summary.label_events += 1;
             events.push(Event::Label {
@@ -393,6 +394,7 @@ impl Looper<'_> {
                 label: name(d.active),
                 confidence: d.confidence,
                 previous: name(d.previous),
+                snapshot,
             });
         }
         if self.opts.frame_events {

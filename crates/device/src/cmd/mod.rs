@@ -32,9 +32,11 @@ use tern_device::trust::Trust;
 
 pub mod bench;
 pub mod cameras;
+pub mod capture_args;
 pub mod classify;
 pub mod eval;
 pub mod info;
+pub mod review;
 pub mod run;
 pub mod selftest;
 
