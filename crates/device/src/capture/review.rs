@@ -201,13 +201,20 @@ impl Store {
         let mut total = 0;
         let skip = req.page.saturating_mul(req.per_page);
         for (mtime_ms, id) in all {
-            // A malformed sidecar does not hide the others.
+            let on_page = total >= skip && items.len() < req.per_page;
+            // Sidecars are read for the page, and for every capture only
+            // when filtering on them. A malformed one does not hide the
+            // others.
+            if !on_page && !req.unreviewed {
+                total += 1;
+                continue;
+            }
             let sidecar = self.sidecar_of(&id).ok().flatten();
             if req.unreviewed && sidecar.as_ref().is_some_and(|s| s.reviewed) {
                 continue;
             }
             total += 1;
-            if total > skip && items.len() < req.per_page {
+            if on_page {
                 items.push(self.item(id, mtime_ms, sidecar));
             }
         }
@@ -460,6 +467,8 @@ mod tests {
         assert!(c.sidecar.unwrap().reviewed);
         let unreviewed = s.list(&ListRequest { unreviewed: true, ..ListRequest::default() }).unwrap();
         assert_eq!(ids(&unreviewed), ["dog/3.jpg", "cat/2.jpg"]);
+        let p1 = s.list(&ListRequest { unreviewed: true, page: 1, per_page: 1, ..ListRequest::default() }).unwrap();
+        assert_eq!((p1.total, ids(&p1)), (2, vec!["cat/2.jpg"]));
 
         // To a new label whose name needs encoding.
         let m = s.relabel(&MoveRequest { id: "cat/2.jpg".into(), label: "red/blue".into() }).unwrap();
