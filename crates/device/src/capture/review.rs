@@ -289,8 +289,13 @@ impl Store {
                 what: format!("cannot write {}", target_side.display()),
                 source: std::io::Error::other(e.to_string()),
             })?;
-            std::fs::rename(&image, &target)
-                .map_err(ReviewError::io(format!("cannot move {} to {}", image.display(), target.display())))?;
+            if let Err(e) = std::fs::rename(&image, &target) {
+                let _ = std::fs::remove_file(&target_side);
+                return Err(ReviewError::Io {
+                    what: format!("cannot move {} to {}", image.display(), target.display()),
+                    source: e,
+                });
+            }
             std::fs::remove_file(&side).map_err(ReviewError::io(format!("cannot remove {}", side.display())))?;
         } else {
             std::fs::rename(&image, &target)
