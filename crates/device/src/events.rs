@@ -73,6 +73,10 @@ pub enum Event {
         confidence: f32,
         /// The label active before.
         previous: Option<String>,
+        /// The snapshot of the change (`--snapshot-dir`): a JPEG file, or
+        /// with `--snapshot-clip` a folder of numbered JPEGs.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        snapshot: Option<String>,
     },
     /// One processed frame (only with `--every-frame`).
     Frame {
@@ -220,6 +224,15 @@ pub trait Sink {
     /// inference thread: anything slow (encoding, disk) belongs elsewhere.
     fn frame(&mut self, _view: &FrameView<'_>) -> Result<()> {
         Ok(())
+    }
+
+    /// Called when the active label changes, after [`Sink::frame`] for that
+    /// frame: a sink that saves snapshots returns the file (or folder) it
+    /// saves, which the `label` event then names. It runs on the inference
+    /// thread: decide the name here, write elsewhere. The default saves
+    /// nothing.
+    fn snapshot(&mut self, _view: &FrameView<'_>) -> Option<String> {
+        None
     }
 
     /// Called once when the loop stops.

@@ -4,6 +4,7 @@
 
 pub mod actions;
 pub mod camera;
+pub mod capture;
 pub mod engine;
 pub mod events;
 #[cfg_attr(feature = "gpio", path = "gpio/cdev.rs")]
@@ -17,6 +18,7 @@ pub mod reload;
 pub mod roi;
 pub mod runloop;
 pub mod smooth;
+pub mod snapshot;
 pub mod source;
 pub mod trust;
 pub mod evaluate;

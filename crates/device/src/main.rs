@@ -25,6 +25,8 @@ enum Command {
     /// Classify a camera, video, image folder or synthetic source
     /// continuously: smoothing, thresholds, events, GPIO, MQTT, hot reload.
     Run(cmd::run::Args),
+    /// Review captured frames (`run --capture DIR`): list, confirm, move, delete.
+    Review(cmd::review::Args),
     /// List the cameras and their formats.
     Cameras(cmd::cameras::Args),
     /// Measure a bundle: cold start, latency percentiles, throughput, peak
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Command::Eval(a) => cmd::eval::run(a),
         Command::Info(a) => cmd::info::run(a),
         Command::Run(a) => cmd::run::run(a),
+        Command::Review(a) => cmd::review::run(a),
         Command::Cameras(a) => cmd::cameras::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Selftest(a) => cmd::selftest::run(a),

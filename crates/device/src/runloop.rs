@@ -489,6 +489,7 @@ impl Looper<'_> {
         let label = |i: Option<usize>| i.and_then(|i| labels.get(i)).cloned();
         let mut events = Vec::new();
         if d.changed {
+            let snapshot = sinks.iter_mut().find_map(|s| s.snapshot(&view));
             self.seq += 1;
             self.summary.label_events += 1;
             events.push(Event::Label {
@@ -499,6 +500,7 @@ impl Looper<'_> {
                 label: label(d.active),
                 confidence: d.confidence,
                 previous: label(d.previous),
+                snapshot,
             });
         }
         if self.opts.frame_events {

@@ -117,6 +117,7 @@ fn label_event(seq: u64) -> Event {
         label: Some(label.into()),
         confidence: 0.9,
         previous: Some(COLORS[((seq + 2) % 3) as usize].into()),
+        snapshot: None,
     }
 }
 

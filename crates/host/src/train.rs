@@ -21,7 +21,7 @@ use serde::Serialize;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Reduction, Tensor};
 use tern_model_format::arch::{Backbone as Arch, BackboneSpec};
-use tern_model_format::dataset::{self, Sample};
+use tern_model_format::dataset::{self, ExtraReport, Sample};
 use tern_model_format::export::{build_graph, default_io, HeadSpec};
 use tern_model_format::manifest::{ArchitectureInfo, Manifest, OutputKind, Precision, Provenance};
 use tern_model_format::weights::{SafeTensorsFile, TensorData};
@@ -104,6 +104,11 @@ pub struct TrainOptions {
     pub max_per_class: Option<usize>,
     /// Batch size of feature extraction.
     pub feature_batch: usize,
+    /// Extra ImageFolders merged with `data` (`--extra`; captures).
+    pub extra: Vec<PathBuf>,
+    /// Take only the extra images that a person reviewed (sidecar
+    /// `reviewed: true`, or no sidecar).
+    pub extra_reviewed_only: bool,
     /// Where tch computes.
     #[serde(skip)]
     pub device: Device,
@@ -134,8 +139,28 @@ impl TrainOptions {
             cache_dir: None,
             max_per_class: None,
             feature_batch: 32,
+            extra: vec![],
+            extra_reviewed_only: true,
             device: Device::Cpu,
         }
+    }
+
+    /// The data set these options train on: `data` scanned and split, the
+    /// `extra` folders merged in (with what the merge did), then cut to
+    /// `max_per_class`. `train` and `train --quantize`'s calibration both
+    /// call it, so they see the same split.
+    pub fn dataset(&self) -> Result<(dataset::Dataset, Option<ExtraReport>)> {
+        let ds = dataset::scan(&self.data, self.val_fraction, self.seed)
+            .with_context(|| format!("cannot use {} as an ImageFolder", self.data.display()))?;
+        let (ds, extra) = if self.extra.is_empty() {
+            (ds, None)
+        } else {
+            let (ds, r) =
+                dataset::merge_extra(ds, &self.extra, self.extra_reviewed_only, self.val_fraction, self.seed)
+                    .context("cannot merge the --extra folders")?;
+            (ds, Some(r))
+        };
+        Ok((ds.limit_per_class(self.max_per_class), extra))
     }
 }
 
@@ -202,6 +227,8 @@ pub struct TrainReport {
     pub presplit: bool,
     /// Files that could not be used.
     pub skipped: Vec<Skipped>,
+    /// What merging the `--extra` folders did.
+    pub extra: Option<ExtraReport>,
     /// Per-epoch figures of both phases.
     pub history: Vec<EpochStats>,
     /// The epoch whose weights were kept (1-based).
@@ -312,9 +339,17 @@ pub struct Trained {
 pub fn train(o: &TrainOptions) -> Result<Trained> {
     let start = Instant::now();
     let mut timings = Timings::default();
-    let ds = dataset::scan(&o.data, o.val_fraction, o.seed)
-        .with_context(|| format!("cannot use {} as an ImageFolder", o.data.display()))?;
-    let ds = ds.limit_per_class(o.max_per_class);
+    let (ds, extra) = o.dataset()?;
+    if let Some(r) = &extra {
+        eprintln!(
+            "--extra: {} image(s) added, {} duplicate(s) skipped, {} unreviewed skipped{}{}",
+            r.added,
+            r.duplicates,
+            r.unreviewed,
+            if r.new_classes.is_empty() { String::new() } else { format!(", new classes: {}", r.new_classes.join(", ")) },
+            if o.extra_reviewed_only { " (--extra-reviewed-only)" } else { "" }
+        );
+    }
     if ds.val.is_empty() {
         bail!("{}: no validation images: give a val/ folder or a --val-fraction above 0", o.data.display());
     }
@@ -367,6 +402,7 @@ pub fn train(o: &TrainOptions) -> Result<Trained> {
             presplit: ds.presplit,
             classes,
             skipped: vec![],
+            extra,
             history: vec![],
             best_epoch: 0,
             head_metrics: Metrics::new(&[], &[], &[]),

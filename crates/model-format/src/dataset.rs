@@ -8,8 +8,15 @@
 //! searched recursively; files are kept by extension (decoding, and the
 //! skipping of unreadable files, is the caller's job); hidden files are
 //! ignored. Classes are ordered by folder name.
+//!
+//! Extra folders ([`merge_extra`], `tern-host train --extra DIR`) join a
+//! dataset: ImageFolders such as the captures of `tern-device run
+//! --capture`, whose JSON sidecars say whether a person reviewed them.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use crate::error::FormatError;
 
@@ -209,6 +216,139 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
     Ok(entries)
 }
 
+/// What [`merge_extra`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ExtraReport {
+    /// The extra folders.
+    pub folders: Vec<PathBuf>,
+    /// Images added (training and validation).
+    pub added: usize,
+    /// Images skipped because their content (sha256) is already in the set.
+    pub duplicates: usize,
+    /// Images skipped because their sidecar says `reviewed: false`.
+    pub unreviewed: usize,
+    /// Classes that only the extra folders have.
+    pub new_classes: Vec<String>,
+}
+
+/// Largest sidecar read, bytes.
+const MAX_SIDECAR_BYTES: u64 = 1 << 20;
+
+/// Adds the images of the ImageFolders `extra` (`EXTRA/<class>/…`) to `ds`.
+///
+/// - Classes join by folder name; a class found only in extra folders
+///   becomes a new class (class indices follow the sorted names again).
+/// - An image whose content sha256 equals that of an image already in the
+///   set (the dataset's, or an earlier extra one) is skipped and counted.
+/// - A JSON sidecar beside an image (`x.json` for `x.jpg`, as captures
+///   have) is read only for `reviewed`: with `reviewed_only`, images whose
+///   sidecar says `"reviewed": false` (or has no `reviewed`) are skipped;
+///   images without a sidecar are taken. Sidecars are never images.
+/// - Each class's extra images are split like [`scan`] splits a class
+///   (seeded, `val_fraction`), so a new class has validation images too;
+///   they follow the dataset's own images of the class.
+pub fn merge_extra(
+    mut ds: Dataset,
+    extra: &[PathBuf],
+    reviewed_only: bool,
+    val_fraction: f64,
+    seed: u64,
+) -> Result<(Dataset, ExtraReport), FormatError> {
+    let mut report = ExtraReport { folders: extra.to_vec(), ..ExtraReport::default() };
+    let mut seen = HashSet::new();
+    for s in ds.train.iter().chain(&ds.val) {
+        seen.insert(file_sha256(&s.path)?);
+    }
+    let mut found: Vec<(String, PathBuf)> = Vec::new();
+    for root in extra {
+        let entries = read_dir_sorted(root)?;
+        for dir in entries.into_iter().filter(|p| p.is_dir()) {
+            let Some(name) = dir.file_name().and_then(|n| n.to_str()).map(str::to_owned) else {
+                return Err(FormatError::Invalid {
+                    what: "class folder".into(),
+                    detail: format!("{}: the name is not valid UTF-8", dir.display()),
+                });
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let mut files = Vec::new();
+            collect_images(&dir, &mut files)?;
+            for f in files {
+                if reviewed_only && !reviewed(&f)? {
+                    report.unreviewed += 1;
+                    continue;
+                }
+                if !seen.insert(file_sha256(&f)?) {
+                    report.duplicates += 1;
+                    continue;
+                }
+                found.push((name.clone(), f));
+            }
+        }
+    }
+    let mut classes = ds.classes.clone();
+    for (c, _) in &found {
+        if !classes.contains(c) {
+            classes.push(c.clone());
+            report.new_classes.push(c.clone());
+        }
+    }
+    classes.sort();
+    report.new_classes.sort();
+    let index = |c: &str| classes.iter().position(|x| x == c).unwrap_or(0);
+    let remap: Vec<usize> = ds.classes.iter().map(|c| index(c)).collect();
+    for s in ds.train.iter_mut().chain(ds.val.iter_mut()) {
+        s.label = remap.get(s.label).copied().unwrap_or(0);
+    }
+    for (label, class) in classes.iter().enumerate() {
+        let mut files: Vec<PathBuf> = found.iter().filter(|(c, _)| c == class).map(|(_, f)| f.clone()).collect();
+        if files.is_empty() {
+            continue;
+        }
+        report.added += files.len();
+        let mut rng = SplitMix64(seed ^ 0x5eed_e47a ^ (label as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        shuffle(&mut files, &mut rng);
+        let n = files.len();
+        let mut n_val = (n as f64 * val_fraction).round() as usize;
+        if val_fraction > 0.0 && n >= 2 {
+            n_val = n_val.clamp(1, n - 1);
+        }
+        let mut val: Vec<PathBuf> = files.drain(..n_val).collect();
+        val.sort();
+        files.sort();
+        ds.val.extend(val.into_iter().map(|path| Sample { path, label }));
+        ds.train.extend(files.into_iter().map(|path| Sample { path, label }));
+    }
+    // Stable: each class's own images stay before its extra ones.
+    ds.train.sort_by_key(|s| s.label);
+    ds.val.sort_by_key(|s| s.label);
+    ds.classes = classes;
+    Ok((ds, report))
+}
+
+/// Whether the image's sidecar (if any) says a person reviewed it.
+fn reviewed(image: &Path) -> Result<bool, FormatError> {
+    let side = image.with_extension("json");
+    if !side.is_file() {
+        return Ok(true);
+    }
+    let bytes = crate::files::read_regular(&side, MAX_SIDECAR_BYTES, "sidecar")?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| FormatError::Invalid {
+        what: format!("sidecar {}", side.display()),
+        detail: format!("not JSON: {e}"),
+    })?;
+    Ok(v.get("reviewed").and_then(serde_json::Value::as_bool).unwrap_or(false))
+}
+
+/// sha256 of a file's content, streamed.
+fn file_sha256(path: &Path) -> Result<[u8; 32], FormatError> {
+    let mut f = std::fs::File::open(path).map_err(|e| FormatError::io(path, e))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).map_err(|e| FormatError::io(path, e))?;
+    Ok(h.finalize().into())
+}
+
 /// SplitMix64: a tiny, well-known generator, enough for a reproducible
 /// shuffle (and identical on every platform).
 struct SplitMix64(u64);
@@ -271,6 +411,58 @@ mod tests {
         assert!(ds.presplit);
         assert_eq!(ds.train.len(), 2);
         assert_eq!(ds.val.len(), 2);
+    }
+
+    fn write(p: &Path, bytes: &[u8]) {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+
+    #[test]
+    fn extra_folders_join_classes_add_new_ones_and_skip_duplicates() {
+        let d = tempfile::tempdir().unwrap();
+        let (base, cap, more) = (d.path().join("base"), d.path().join("cap"), d.path().join("more"));
+        for i in 0..5 {
+            write(&base.join(format!("red/{i}.png")), format!("red {i}").as_bytes());
+            write(&base.join(format!("green/{i}.png")), format!("green {i}").as_bytes());
+        }
+        // Captures: a duplicate of a base image, reviewed and unreviewed
+        // frames, a plain image without a sidecar, a new class.
+        write(&cap.join("red/a.jpg"), b"red 0");
+        write(&cap.join("red/b.jpg"), b"red new");
+        write(&cap.join("red/b.json"), br#"{"label":"red","reviewed":false}"#);
+        write(&cap.join("green/c.jpg"), b"green new");
+        write(&cap.join("green/c.json"), br#"{"reviewed":true}"#);
+        for i in 0..3 {
+            write(&cap.join(format!("blue/{i}.jpg")), format!("blue {i}").as_bytes());
+            write(&cap.join(format!("blue/{i}.json")), br#"{"reviewed":true}"#);
+        }
+        write(&more.join("blue/x.jpg"), b"blue 0");
+        write(&more.join("blue/y.jpg"), b"blue y");
+        std::fs::create_dir_all(cap.join("empty")).unwrap();
+        let ds = scan(&base, 0.2, 3).unwrap();
+        let extra = [cap.clone(), more.clone()];
+
+        let (m, r) = merge_extra(ds.clone(), &extra, true, 0.2, 3).unwrap();
+        assert_eq!(m.classes, ["blue", "green", "red"]);
+        assert_eq!(r.new_classes, ["blue"]);
+        assert_eq!((r.added, r.duplicates, r.unreviewed), (5, 2, 1), "{r:?}");
+        assert_eq!(m.counts(&m.train), [3, 5, 4]);
+        assert_eq!(m.counts(&m.val), [1, 1, 1]);
+        // Old samples keep their class under the new numbering.
+        for s in m.train.iter().chain(&m.val) {
+            let class = &m.classes[s.label];
+            assert!(s.path.parent().unwrap().ends_with(class), "{s:?}");
+        }
+        assert!(!m.train.iter().chain(&m.val).any(|s| s.path.extension().unwrap() == "json"));
+        assert_eq!(m, merge_extra(ds.clone(), &extra, true, 0.2, 3).unwrap().0, "seeded");
+
+        let (_, r) = merge_extra(ds.clone(), &extra, false, 0.2, 3).unwrap();
+        assert_eq!((r.added, r.duplicates, r.unreviewed), (6, 2, 0), "{r:?}");
+
+        write(&cap.join("green/c.json"), b"{not json");
+        let err = merge_extra(ds, &extra, true, 0.2, 3).unwrap_err().to_string();
+        assert!(err.contains("c.json"), "{err}");
     }
 
     #[test]

@@ -32,10 +32,12 @@ use tern_device::trust::Trust;
 
 pub mod bench;
 pub mod cameras;
+pub mod capture_args;
 pub mod classify;
 pub mod eval;
 pub mod info;
 pub mod netcam;
+pub mod review;
 pub mod run;
 pub mod run_extras;
 pub mod selftest;

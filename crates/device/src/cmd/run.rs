@@ -139,6 +139,8 @@ pub struct Args {
     /// A network camera (`--url`) and its options.
     #[command(flatten)]
     netcam: super::netcam::NetcamArgs,
+    #[command(flatten)]
+    capture: super::capture_args::CaptureArgs,
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
@@ -227,8 +229,16 @@ pub fn run(a: Args) -> Result<ExitCode> {
         signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
     }
 
+    let mut capture = a.capture.capture(&a.bundle, &classifier.manifest().graph_sha256, !a.quiet)?;
+    let mut snapshots = a.capture.snapshots()?;
     let open = source_opener(&a)?;
     let mut sinks: Vec<&mut dyn Sink> = vec![&mut stdout];
+    if let Some(c) = &mut capture {
+        sinks.push(c);
+    }
+    if let Some(s) = &mut snapshots {
+        sinks.push(s);
+    }
     if let Some(g) = &mut gpio_out {
         sinks.push(g);
     }

@@ -89,6 +89,19 @@ pub struct Args {
     /// Batch size of feature extraction.
     #[arg(long, default_value_t = 32)]
     pub feature_batch: usize,
+    /// Another ImageFolder to train on too (repeatable), such as the
+    /// captures of `tern-device run --capture DIR`: its classes join DATA's
+    /// by folder name, a class only it has becomes a new class, images
+    /// whose content is already in the set are skipped; JSON sidecars are
+    /// read only for `reviewed`.
+    #[arg(long, value_name = "DIR")]
+    pub extra: Vec<PathBuf>,
+    /// Take only the --extra images a person has reviewed (sidecar
+    /// `"reviewed": true`, or no sidecar): unreviewed captures are labelled
+    /// by the model's own guess. `--extra-reviewed-only=false` takes them all.
+    #[arg(long, value_name = "BOOL", default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    pub extra_reviewed_only: bool,
     /// Where to compute.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
@@ -144,6 +157,8 @@ pub fn run(a: Args) -> Result<()> {
     o.cache_dir = if a.no_cache { None } else { a.cache_dir.or_else(default_cache) };
     o.max_per_class = a.max_per_class;
     o.feature_batch = a.feature_batch.max(1);
+    o.extra = a.extra;
+    o.extra_reviewed_only = a.extra_reviewed_only;
     o.device = device;
     let trained = train(&o)?;
     let r = &trained.report;
@@ -156,6 +171,15 @@ pub fn run(a: Args) -> Result<()> {
     println!("{}", r.metrics.table());
     if !r.skipped.is_empty() {
         println!("{} file(s) skipped (listed in {}/report.json)", r.skipped.len(), report_dir.display());
+    }
+    if let Some(x) = &r.extra {
+        println!(
+            "--extra: {} image(s) added, {} duplicate(s) skipped, {} unreviewed skipped, new classes: [{}]",
+            x.added,
+            x.duplicates,
+            x.unreviewed,
+            x.new_classes.join(", ")
+        );
     }
     println!(
         "times: features {:.1} s ({} cached, {} computed), head {:.1} s, fine-tune {:.1} s, evaluation {:.1} s, total {:.1} s",
@@ -187,10 +211,8 @@ pub fn run(a: Args) -> Result<()> {
 /// `--quantize`: the int8 bundle of the one just written, calibrated on
 /// the training split and compared on the validation split.
 fn quantize(float: &std::path::Path, calib_images: usize, o: &TrainOptions) -> Result<PathBuf> {
-    // The split `train` used: same folder, fraction, seed and cap.
-    let ds = tern_model_format::dataset::scan(&o.data, o.val_fraction, o.seed)
-        .with_context(|| format!("cannot use {} as an ImageFolder", o.data.display()))?
-        .limit_per_class(o.max_per_class);
+    // The split `train` used: same folders, fraction, seed and cap.
+    let (ds, _) = o.dataset()?;
     let mut train: Vec<PathBuf> = ds.train.iter().map(|s| s.path.clone()).collect();
     let val: Vec<PathBuf> = ds.val.iter().map(|s| s.path.clone()).collect();
     // Evenly spaced over the sorted paths, so every class folder is drawn.
