@@ -947,7 +947,7 @@ mod tests {
         assert_eq!(est.nodes, graph.node.len());
         // The 224×224 input alone is 602 112 bytes; the stem output 1.6 MB.
         assert!(est.bytes > 2_000_000 && est.bytes < 100_000_000, "{est:?}");
-        for scheme in [Scheme::Weights, Scheme::Static] {
+        for scheme in [Scheme::Weights, Scheme::Static, Scheme::Qdq] {
             let options = Options { scheme, per_channel: true, float_layers: vec![], input_means: BTreeMap::new() };
             let ranges: BTreeMap<String, Range> = calibration_tensors(&graph, &options)
                 .unwrap()
@@ -957,6 +957,13 @@ mod tests {
             let (q, _) = quantize_graph(&graph, &ranges, &options).unwrap();
             if scheme == Scheme::Static {
                 assert!(q.node.iter().any(|n| n.op_type.as_deref() == Some("QLinearConv")));
+            }
+            if scheme == Scheme::Qdq {
+                let count = |op: &str| q.node.iter().filter(|n| n.op_type.as_deref() == Some(op)).count();
+                // Every ReLU6 after a convolution is folded into a range.
+                assert_eq!(count("Clip"), 0);
+                assert_eq!(count("Conv"), graph.node.iter().filter(|n| n.op_type.as_deref() == Some("Conv")).count());
+                assert_eq!(count("QuantizeLinear"), ranges.len());
             }
             check_default(q, m.clone()).unwrap_or_else(|e| panic!("{scheme:?}: {e}"));
         }
