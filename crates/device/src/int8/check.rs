@@ -9,7 +9,7 @@
 
 use tract_onnx::tract_core::internal::*;
 
-use super::{QDepthwise, QPointwise, Requant};
+use super::{QAdd, QDepthwise, QPointwise, Requant};
 use crate::fused::{Geometry, Layout};
 
 /// Deterministic int8 values over the whole range.
@@ -50,7 +50,28 @@ fn reference_requant(acc: i64, m: f32, r: Option<(i8, f32, i32)>, zy: i32, clamp
 
 /// Runs every case; the number of cases checked, or the first mismatch.
 pub fn all() -> TractResult<usize> {
-    Ok(pointwise()? + depthwise()?)
+    Ok(pointwise()? + depthwise()? + add()?)
+}
+
+/// Residual adds: every pair of int8 values, zero points and multipliers
+/// that saturate and that do not.
+pub(super) fn add() -> TractResult<usize> {
+    let all: Vec<i8> = (-128..=127).collect();
+    let (a, b): (Vec<i8>, Vec<i8>) = all.iter().flat_map(|&x| all.iter().map(move |&y| (x, y))).unzip();
+    let mut n = 0;
+    for (ma, za, mb, zb, zy) in [(0.5f32, -128, 0.75f32, 3, -5), (1.7, 10, 0.2, -128, 0), (0.31, 0, 0.29, 0, 127)] {
+        let op = QAdd { a: (ma, za), b: (mb, zb), zero_point: zy, shape: tvec![a.len()] };
+        op.check()?;
+        let got = op.eval(&EvalContext::out_of_plan(), tvec![tensor1(&a).into_tvalue(), tensor1(&b).into_tvalue()])?;
+        let got = got[0].try_as_plain_ram()?.as_slice::<i8>()?;
+        for (k, ((&x, &y), &g)) in a.iter().zip(&b).zip(got).enumerate() {
+            let v = (i32::from(x) - za) as f32 * ma + (i32::from(y) - zb) as f32 * mb;
+            let want = (v.clamp(-1024.0, 1024.0).round_ties_even() as i32 + zy).clamp(-128, 127) as i8;
+            ensure!(g == want, "{op:?} at {k} ({x} + {y}): {g}, reference {want}");
+        }
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// 1×1 convolutions.
@@ -219,6 +240,11 @@ mod tests {
     #[test]
     fn depthwise_every_layout_stride_padding_residual_and_clamp_equals_plain_loops() {
         super::depthwise().unwrap();
+    }
+
+    #[test]
+    fn residual_add_of_every_pair_equals_the_formula() {
+        super::add().unwrap();
     }
 
     #[test]

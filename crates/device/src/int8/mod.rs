@@ -11,7 +11,9 @@
 //! bias `Add` → [residual `Add` of a `DequantizeLinear`] → `QuantizeLinear`
 //! and replaces each by one integer op ([`QPointwise`], [`QDepthwise`]):
 //! int8 activations in, int32 accumulation, the bias, the zero points, the
-//! residual and the clamp applied per output by [`Requant`], int8 out.
+//! residual and the clamp applied per output by [`Requant`], int8 out; and
+//! each `DequantizeLinear` + `DequantizeLinear` → `Add` → `QuantizeLinear`
+//! (a residual add between quantized tensors) by one [`QAdd`].
 //!
 //! Requantization uses an f32 multiplier per output channel (input scale ×
 //! weight scale ÷ output scale), not a fixed-point one: it is the
@@ -28,11 +30,13 @@
 //! checks against plain integer loops in [`check`] (run by `tern-device
 //! selftest`, which is how the aarch64 kernels are checked under qemu).
 
+mod add;
 pub mod check;
 mod depthwise;
 mod pointwise;
 mod rewrite;
 
+pub use add::QAdd;
 pub use depthwise::QDepthwise;
 pub use pointwise::QPointwise;
 pub use rewrite::rewrite;

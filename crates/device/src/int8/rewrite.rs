@@ -10,7 +10,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8};
 
-use super::{supported, QDepthwise, QPointwise, Requant};
+use super::{supported, QAdd, QDepthwise, QPointwise, Requant};
 use crate::fused::{Geometry, Layout};
 
 /// Replaces, in a decluttered model, every chain `DequantizeLinear`(int8) →
@@ -32,10 +32,14 @@ pub fn rewrite(model: &mut TypedModel) -> TractResult<usize> {
             if refused.contains(&node.name) {
                 continue;
             }
-            if node.op_as::<EinSum>().is_none() && node.op_as::<Conv>().is_none() {
+            let patch = if node.op_as::<EinSum>().is_some() || node.op_as::<Conv>().is_some() {
+                chain(model, node)?
+            } else if node.op_as::<TypedBinOp>().is_some_and(|op| op.0.name() == "Add") {
+                residual_add(model, node)?
+            } else {
                 continue;
-            }
-            match chain(model, node)? {
+            };
+            match patch {
                 Some(patch) => {
                     patch.apply(model)?;
                     done += 1;
@@ -251,6 +255,36 @@ fn chain(model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelP
     }
     let wire = patch.wire_node(model.node(q).name.clone(), op, &inputs)?[0];
     patch.shunt_outside(model, OutletId::new(q, 0), wire)?;
+    Ok(Some(patch))
+}
+
+/// The patch for `DequantizeLinear`(a) + `DequantizeLinear`(b) → `Add` →
+/// `QuantizeLinear`, all of one shape, if `node` is that `Add`.
+fn residual_add(model: &TypedModel, node: &TypedNode) -> TractResult<Option<TypedModelPatch>> {
+    if node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let (Some(a), Some(b)) = (dequantized(model, node.inputs[0])?, dequantized(model, node.inputs[1])?) else {
+        return Ok(None);
+    };
+    let Some(shape) = node.outputs[0].fact.shape.as_concrete().map(TVec::<usize>::from) else { return Ok(None) };
+    for o in [a.0, b.0] {
+        if model.outlet_fact(o)?.shape.as_concrete() != Some(&*shape) {
+            return Ok(None);
+        }
+    }
+    let Some((succ, _)) = sole_successor(model, node.id)? else { return Ok(None) };
+    let Some(q) = succ.op_as::<ElementWiseOp>().and_then(|op| op.0.downcast_ref::<QuantizeLinearI8>()) else {
+        return Ok(None);
+    };
+    let op = QAdd { a: (a.1 * q.scale, a.2), b: (b.1 * q.scale, b.2), zero_point: i32::from(q.zero_point), shape };
+    if op.check().is_err() {
+        return Ok(None);
+    }
+    let mut patch = TypedModelPatch::new(format!("tern-int8 {}", node.name));
+    let inputs = tvec![patch.tap_model(model, a.0)?, patch.tap_model(model, b.0)?];
+    let wire = patch.wire_node(succ.name.clone(), op, &inputs)?[0];
+    patch.shunt_outside(model, OutletId::new(succ.id, 0), wire)?;
     Ok(Some(patch))
 }
 
