@@ -825,18 +825,35 @@ fn qdq_plan(graph: &onnx::GraphProto, options: &Options) -> Result<QdqPlan, Form
     Ok(plan)
 }
 
+/// The largest |int32 bias| [`Scheme::Qdq`] writes: far inside i32 with
+/// the largest accumulator added (2²⁴ + 1152 channels × 2¹⁴ < 2³¹).
+const MAX_BIAS: f32 = (1 << 24) as f32;
+
 /// Per-channel int8 weights of `w_t` behind a `DequantizeLinear` (axis 0)
-/// whose output keeps the weight's name. Returns the float weights, the
-/// int8 weights and their scales.
+/// whose output keeps the weight's name; a channel's scale is at least
+/// `min_scale[c]` where given. Returns the float weights, the int8 weights
+/// and their scales.
 fn dequantized_weight(
     w_t: &onnx::TensorProto,
+    min_scale: Option<&[f32]>,
     nodes: &mut Vec<onnx::NodeProto>,
     inits: &mut Vec<onnx::TensorProto>,
 ) -> Result<(Vec<f32>, Vec<i8>, Vec<f32>), FormatError> {
     let w_name = w_t.name.clone().unwrap_or_default();
     let w = float_values(w_t)?;
     let cout = *w_t.dims.first().unwrap_or(&1) as usize;
-    let (wq, ws) = quantize_weights(&w, cout, true);
+    let (mut wq, mut ws) = quantize_weights(&w, cout, true);
+    if let Some(min) = min_scale.filter(|m| m.len() == cout) {
+        let per = w.len() / cout.max(1);
+        for (c, (s, &m)) in ws.iter_mut().zip(min).enumerate() {
+            if *s < m {
+                *s = m;
+                for j in c * per..(c + 1) * per {
+                    wq[j] = (w[j] / m).round().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
+    }
     let (wqn, wsn, wzn) = (format!("{w_name}.int8"), format!("{w_name}.scale"), format!("{w_name}.zero_point"));
     inits.push(i8_tensor(&wqn, &w_t.dims, &wq));
     inits.push(f32_tensor(&wsn, &[ws.len() as i64], &ws));
@@ -924,7 +941,14 @@ fn quantize_qdq(
                 detail: format!("the input `{x}` of Conv node {i} is not quantized"),
             })?;
             let w_t = init(&n.input[1], "Conv weight")?;
-            let (w, wq, ws) = dequantized_weight(w_t, &mut nodes, &mut new_inits)?;
+            // A channel of (nearly) zero weights and a bias would need an
+            // int32 bias past i32 at scale xs·ws: its weight scale is
+            // raised so the bias stays within MAX_BIAS steps.
+            let min_scale = match n.input.get(2) {
+                Some(b) => Some(float_values(init(b, "Conv bias")?)?.iter().map(|b| b.abs() / (xs * MAX_BIAS)).collect::<Vec<f32>>()),
+                None => None,
+            };
+            let (w, wq, ws) = dequantized_weight(w_t, min_scale.as_deref(), &mut nodes, &mut new_inits)?;
             removed.insert(n.input[1].clone());
             let mut corrected = false;
             if let Some(b_name) = n.input.get(2).cloned() {
@@ -978,7 +1002,7 @@ fn quantize_qdq(
                 float_layers.push(json!({"layer": layer_name(&w_name), "op": op, "reason": "requested", "weights": "float32"}));
             } else {
                 let w_t = init(&w_name, &format!("{op} weight"))?;
-                dequantized_weight(w_t, &mut nodes, &mut new_inits)?;
+                dequantized_weight(w_t, None, &mut nodes, &mut new_inits)?;
                 removed.insert(w_name.clone());
                 float_layers.push(json!({"layer": layer_name(&w_name), "op": op, "reason": "head", "weights": "int8"}));
             }

@@ -964,6 +964,11 @@ mod tests {
                 assert_eq!(count("Clip"), 0);
                 assert_eq!(count("Conv"), graph.node.iter().filter(|n| n.op_type.as_deref() == Some("Conv")).count());
                 assert_eq!(count("QuantizeLinear"), ranges.len());
+                // Every int32 bias within 2^24 steps (a weight scale is raised where needed).
+                for t in q.initializer.iter().filter(|t| t.data_type == Some(crate::onnx::tensor_proto::DataType::Int32 as i32)) {
+                    let raw = t.raw_data.as_deref().unwrap_or_default();
+                    assert!(raw.chunks_exact(4).all(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]).unsigned_abs() <= 1 << 24), "{:?}", t.name);
+                }
             }
             check_default(q, m.clone()).unwrap_or_else(|e| panic!("{scheme:?}: {e}"));
         }
