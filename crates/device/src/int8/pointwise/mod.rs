@@ -151,17 +151,6 @@ impl QPointwise {
         })
     }
 
-    /// Rows `r0..r1` of the output (pixels when it is channel-last,
-    /// channels when it is channel-first) of the whole tensors `x` and
-    /// `residual`, into `out` (those rows).
-    fn compute(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
-        if self.input == Layout::ChannelMajor && self.output == Layout::ChannelMajor {
-            self.channel_major(x, residual, out, rows)
-        } else {
-            self.compute_portable(x, residual, out, rows)
-        }
-    }
-
     /// Channel-first in and out, output channels `c0..c1`: tiles of
     /// [`TC`] channels × [`TP`] pixels whose i32 sums stay in registers
     /// while the input channels stream past (one contiguous row of `x`
@@ -222,8 +211,9 @@ impl QPointwise {
         }
     }
 
-    /// The same arithmetic in plain loops over any layout: the second
-    /// reference of the tests, and what runs for mixed layouts.
+    /// The same arithmetic in plain loops over any layout, output rows
+    /// (pixels channel-last, channels channel-first) `r0..r1`: the second
+    /// reference of the tests.
     pub(super) fn compute_portable(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
         let (ci, co, n) = (self.ci, self.co, self.pixels);
         let (xp, xc) = strides(self.input, n, ci);
@@ -280,17 +270,48 @@ impl EvalOp for QPointwise {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (x, res) = operands(self, &inputs, self.requant.residual.is_some(), &self.out_shape)?;
-        ensure!(x.len() == self.pixels * self.ci, "{self:?} given a {:?} input", inputs[0].shape());
-        let mut out = vec![0i8; self.pixels * self.co];
-        let work = self.pixels * self.ci * self.co;
-        // Rows: pixels of a channel-last output, channels of a channel-first one.
-        let row = if self.output == Layout::PixelMajor { self.co } else { self.pixels };
-        par_chunks_mut(&mut out, row, work, |first, chunk| {
-            self.compute(x, res, chunk, (first, first + chunk.len() / row));
+        let (n, ci, co) = (self.pixels, self.ci, self.co);
+        ensure!(x.len() == n * ci, "{self:?} given a {:?} input", inputs[0].shape());
+        // The tiles run channel-first: a channel-last input (and residual)
+        // is transposed once, and a channel-last output at the end; each
+        // costs a pass over one tensor against ci (or co) multiply-adds per
+        // value.
+        let (xt, rt);
+        let x = if self.input == Layout::PixelMajor {
+            xt = transpose(x, n, ci);
+            &xt[..]
+        } else {
+            x
+        };
+        let res = match res {
+            Some(r) if self.output == Layout::PixelMajor => {
+                rt = transpose(r, n, co);
+                Some(&rt[..])
+            }
+            r => r,
+        };
+        let mut out = vec![0i8; n * co];
+        // One row per output channel; `first` is the chunk's first channel.
+        par_chunks_mut(&mut out, n, n * ci * co, |first, chunk| {
+            self.channel_major(x, res, chunk, (first, first + chunk.len() / n));
             Ok(())
         })?;
+        if self.output == Layout::PixelMajor {
+            out = transpose(&out, co, n);
+        }
         Ok(tvec!(Tensor::from_shape(&self.out_shape, &out)?.into_tvalue()))
     }
+}
+
+/// `src` as `rows × cols`, row-major, transposed: `cols × rows`.
+fn transpose(src: &[i8], rows: usize, cols: usize) -> Vec<i8> {
+    let mut dst = vec![0i8; src.len()];
+    for (r, row) in src.chunks_exact(cols).enumerate().take(rows) {
+        for (c, &v) in row.iter().enumerate() {
+            dst[c * rows + r] = v;
+        }
+    }
+    dst
 }
 
 impl TypedOp for QPointwise {
