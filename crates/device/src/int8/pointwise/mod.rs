@@ -181,9 +181,8 @@ impl QPointwise {
                 let mut acc = None;
                 #[cfg(target_arch = "x86_64")]
                 if avx2 {
-                    // SAFETY: the CPU has AVX2; `tile_x` holds ci rows of n
-                    // with TP values from each row start; the pairs of tile t
-                    // are kp × TC values.
+                    // SAFETY: AVX2 checked; `tile_x` (sliced) holds ci rows of n with TP
+                    // values from each row start; the pairs slice holds kp × TC values.
                     acc = Some(unsafe { avx2::tile(tile_x.as_ptr(), n, ci, &self.pairs[t * kp * TC..][..kp * TC]) });
                 }
                 #[cfg(target_arch = "aarch64")]
