@@ -219,7 +219,10 @@ fn optimize_checked(bundle: &Bundle, options: &LoadOptions) -> Result<(TypedMode
     let model = match compute {
         Compute::F32 => {
             if options.kernels == Kernels::Tern {
-                fused = crate::fused::rewrite(&mut typed).context("cannot fuse the convolutions")?;
+                // The integer chains first: the float rewrite would take
+                // their convolutions.
+                fused = crate::int8::rewrite(&mut typed).context("cannot put the integer convolutions in")?;
+                fused += crate::fused::rewrite(&mut typed).context("cannot fuse the convolutions")?;
             }
             typed.into_optimized().context("tract cannot optimise the graph")?
         }

@@ -25,5 +25,6 @@ pub mod evaluate;
 pub mod npy;
 pub mod perf;
 pub mod fused;
+pub mod int8;
 
 pub use engine::{Classifier, Kernels, LoadOptions, Output, Ranked};

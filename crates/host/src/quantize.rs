@@ -612,6 +612,7 @@ impl Recipe {
         let scheme = match self.options.scheme {
             tern_model_format::quantize::Scheme::Weights => "weights",
             tern_model_format::quantize::Scheme::Static => "static",
+            tern_model_format::quantize::Scheme::Qdq => "qdq",
         };
         let mut s = format!("{scheme}/{}", method_name(self.method));
         if self.options.scheme == tern_model_format::quantize::Scheme::Static {
@@ -1022,6 +1023,7 @@ pub fn auto_recipes(graph: &onnx::GraphProto, percentile: f64) -> Vec<Recipe> {
         r(p, opts(Scheme::Static, false, vec![])),
         r(Method::Entropy, opts(Scheme::Static, false, vec![])),
         r(p, opts(Scheme::Static, true, vec![])),
+        r(p, opts(Scheme::Qdq, true, vec![])),
     ];
     let convs: Vec<String> = graph
         .node

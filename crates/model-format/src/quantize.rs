@@ -14,6 +14,12 @@
 //!   `DequantizeLinear`), with `QuantizeLinear`/`DequantizeLinear` at the
 //!   boundaries: tract's fast depthwise kernel is float-only.
 //!
+//! - [`Scheme::Qdq`]: the float graph with `QuantizeLinear` →
+//!   `DequantizeLinear` pairs on every activation between convolutions
+//!   (int8, asymmetric, per tensor), per-channel int8 weights and int32
+//!   biases behind `DequantizeLinear`, ReLU6 folded into the ranges: the
+//!   form runtimes fuse into integer kernels (onnxruntime; Tern's device).
+//!
 //! Activation ranges come from a [`Calibrator`] fed real activations by the
 //! caller (the host runs the float graph in libtorch).
 
@@ -33,6 +39,13 @@ pub enum Scheme {
     Weights,
     /// int8 weights and activations for full and 1×1 convolutions.
     Static,
+    /// QDQ form, as onnxruntime's quantizer writes it: every convolution
+    /// (stem, 1×1 and depthwise) reads `DequantizeLinear(QuantizeLinear(x))`
+    /// and int8 weights (per channel) and an int32 bias behind
+    /// `DequantizeLinear`; every tensor between convolutions (residual
+    /// `Add` inputs and outputs included) is quantized once; ReLU6 clamps
+    /// become the output range. The head stays float compute.
+    Qdq,
 }
 
 /// How the range of an activation is chosen from its observed values.
@@ -354,6 +367,9 @@ struct ConvPlan {
 /// The tensors whose ranges [`quantize_graph`] needs for `options`: the
 /// inputs and (ReLU6-fused) outputs of the convolutions it quantizes.
 pub fn calibration_tensors(graph: &onnx::GraphProto, options: &Options) -> Result<Vec<String>, FormatError> {
+    if options.scheme == Scheme::Qdq {
+        return Ok(qdq_plan(graph, options)?.tensors);
+    }
     let plans = plan_convs(graph, options)?;
     let mut names = Vec::new();
     for p in plans.iter().filter(|p| p.quantized) {
@@ -548,6 +564,9 @@ pub fn quantize_graph(
     ranges: &BTreeMap<String, Range>,
     options: &Options,
 ) -> Result<(onnx::GraphProto, serde_json::Value), FormatError> {
+    if options.scheme == Scheme::Qdq {
+        return quantize_qdq(graph, ranges, options);
+    }
     let plans = plan_convs(graph, options)?;
     let by_node: HashMap<usize, &ConvPlan> = plans.iter().map(|p| (p.node, p)).collect();
     let folded_clips: HashSet<usize> = plans.iter().filter_map(|p| p.clip).collect();
@@ -741,6 +760,276 @@ pub fn quantize_graph(
         } else {
             json!({"dtype": "float32"})
         },
+        "quantized_layers": layers,
+        "float_layers": float_layers,
+        "tensors": tensors,
+    });
+    Ok((out, record))
+}
+
+/// What [`Scheme::Qdq`] quantizes: the convolutions, the ReLU6 clips folded
+/// into their output ranges, and the activation tensors given a
+/// `QuantizeLinear` → `DequantizeLinear` pair, in graph order.
+struct QdqPlan {
+    convs: HashSet<usize>,
+    /// Conv node → the Clip(0, 6) node after it, folded.
+    folded: HashMap<usize, usize>,
+    tensors: Vec<String>,
+}
+
+fn qdq_plan(graph: &onnx::GraphProto, options: &Options) -> Result<QdqPlan, FormatError> {
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        for input in &n.input {
+            consumers.entry(input.as_str()).or_default().push(i);
+        }
+    }
+    let outputs: HashSet<&str> = graph.output.iter().filter_map(|o| o.name.as_deref()).collect();
+    let mut plan = QdqPlan { convs: HashSet::new(), folded: HashMap::new(), tensors: Vec::new() };
+    for (i, n) in graph.node.iter().enumerate() {
+        match n.op_type.as_deref() {
+            Some("Conv") => {
+                let (Some(x), Some(w), Some(out)) = (n.input.first(), n.input.get(1), n.output.first()) else {
+                    return Err(FormatError::Invalid {
+                        what: "graph".into(),
+                        detail: format!("Conv node {i} lacks an input, a weight or an output"),
+                    });
+                };
+                if options.float_layers.iter().any(|f| f == &layer_name(w)) {
+                    continue;
+                }
+                plan.convs.insert(i);
+                plan.tensors.push(x.clone());
+                let mut y = out.clone();
+                if let [c] = consumers.get(out.as_str()).map(Vec::as_slice).unwrap_or_default() {
+                    let cn = &graph.node[*c];
+                    let clip_out = cn.output.first().map(String::as_str).unwrap_or_default();
+                    if cn.op_type.as_deref() == Some("Clip")
+                        && is_relu6(graph, cn)
+                        && !outputs.contains(out.as_str())
+                        && !outputs.contains(clip_out)
+                    {
+                        plan.folded.insert(i, *c);
+                        y = clip_out.to_owned();
+                    }
+                }
+                plan.tensors.push(y);
+            }
+            Some("Add") => plan.tensors.extend(n.input.iter().chain(&n.output).cloned()),
+            _ => {}
+        }
+    }
+    let inits: HashSet<&str> = graph.initializer.iter().filter_map(|t| t.name.as_deref()).collect();
+    let mut seen = HashSet::new();
+    plan.tensors.retain(|t| !outputs.contains(t.as_str()) && !inits.contains(t.as_str()) && seen.insert(t.clone()));
+    Ok(plan)
+}
+
+/// The largest |int32 bias| [`Scheme::Qdq`] writes: far inside i32 with
+/// the largest accumulator added (2²⁴ + 1152 channels × 2¹⁴ < 2³¹).
+const MAX_BIAS: f32 = (1 << 24) as f32;
+
+/// Per-channel int8 weights of `w_t` behind a `DequantizeLinear` (axis 0)
+/// whose output keeps the weight's name; a channel's scale is at least
+/// `min_scale[c]` where given. Returns the float weights, the int8 weights
+/// and their scales.
+fn dequantized_weight(
+    w_t: &onnx::TensorProto,
+    min_scale: Option<&[f32]>,
+    nodes: &mut Vec<onnx::NodeProto>,
+    inits: &mut Vec<onnx::TensorProto>,
+) -> Result<(Vec<f32>, Vec<i8>, Vec<f32>), FormatError> {
+    let w_name = w_t.name.clone().unwrap_or_default();
+    let w = float_values(w_t)?;
+    let cout = *w_t.dims.first().unwrap_or(&1) as usize;
+    let (mut wq, mut ws) = quantize_weights(&w, cout, true);
+    if let Some(min) = min_scale.filter(|m| m.len() == cout) {
+        let per = w.len() / cout.max(1);
+        for (c, (s, &m)) in ws.iter_mut().zip(min).enumerate() {
+            if *s < m {
+                *s = m;
+                for j in c * per..(c + 1) * per {
+                    wq[j] = (w[j] / m).round().clamp(-127.0, 127.0) as i8;
+                }
+            }
+        }
+    }
+    let (wqn, wsn, wzn) = (format!("{w_name}.int8"), format!("{w_name}.scale"), format!("{w_name}.zero_point"));
+    inits.push(i8_tensor(&wqn, &w_t.dims, &wq));
+    inits.push(f32_tensor(&wsn, &[ws.len() as i64], &ws));
+    inits.push(i8_tensor(&wzn, &[ws.len() as i64], &vec![0; ws.len()]));
+    nodes.push(node("DequantizeLinear", &format!("{w_name}.dequantize"), &[&wqn, &wsn, &wzn], &w_name, vec![axis0()]));
+    Ok((w, wq, ws))
+}
+
+/// [`Scheme::Qdq`]: see the module docs.
+fn quantize_qdq(
+    graph: &onnx::GraphProto,
+    ranges: &BTreeMap<String, Range>,
+    options: &Options,
+) -> Result<(onnx::GraphProto, serde_json::Value), FormatError> {
+    let plan = qdq_plan(graph, options)?;
+    let folded_clips: HashSet<usize> = plan.folded.values().copied().collect();
+    let inits: HashMap<String, onnx::TensorProto> =
+        graph.initializer.iter().map(|t| (t.name.clone().unwrap_or_default(), t.clone())).collect();
+    let init = |name: &str, what: &str| {
+        inits.get(name).ok_or_else(|| FormatError::Invalid {
+            what: "graph".into(),
+            detail: format!("{what} `{name}` is not an initializer"),
+        })
+    };
+    // Each quantized tensor's parameters; a tensor whose range is folded
+    // from a ReLU6 keeps within [0, 6] so the saturation is the clip.
+    let mut params: HashMap<String, QParams> = HashMap::new();
+    let mut tensors = serde_json::Map::new();
+    let mut new_inits: Vec<onnx::TensorProto> = Vec::new();
+    let relu6_outputs: HashSet<&str> =
+        plan.folded.values().filter_map(|&c| graph.node[c].output.first().map(String::as_str)).collect();
+    for t in &plan.tensors {
+        let mut r = ranges.get(t).copied().ok_or_else(|| FormatError::Invalid {
+            what: "calibration".into(),
+            detail: format!("no range for tensor `{t}`"),
+        })?;
+        if relu6_outputs.contains(t.as_str()) {
+            r = Range { min: 0.0, max: r.max.clamp(0.0, 6.0) };
+        }
+        let q = QParams::asymmetric(r);
+        new_inits.push(f32_tensor(&format!("{t}.scale"), &[], &[q.scale]));
+        new_inits.push(i8_tensor(&format!("{t}.zero_point"), &[], &[q.zero_point]));
+        tensors.insert(t.clone(), json!({"scale": q.scale, "zero_point": q.zero_point, "min": r.min, "max": r.max}));
+        params.insert(t.clone(), q);
+    }
+    // `float` → Q → DQ → `out`, with the parameters of tensor `t`.
+    let qdq = |float: &str, t: &str, out: &str| {
+        let (s, z, q) = (format!("{t}.scale"), format!("{t}.zero_point"), format!("{out}.quantized"));
+        [
+            node("QuantizeLinear", &format!("{out}.quantize"), &[float, &s, &z], &q, vec![]),
+            node("DequantizeLinear", &format!("{out}.dequantize"), &[&q, &s, &z], out, vec![]),
+        ]
+    };
+
+    let mut nodes = Vec::new();
+    // Graph inputs cannot be renamed: their consumers read a new name.
+    let mut renamed: HashMap<String, String> = HashMap::new();
+    for i in &graph.input {
+        let Some(name) = i.name.as_deref() else { continue };
+        if params.contains_key(name) {
+            let dq = format!("{name}.dequantized");
+            nodes.extend(qdq(name, name, &dq));
+            renamed.insert(name.to_owned(), dq);
+        }
+    }
+    let mut removed: HashSet<String> = HashSet::new();
+    let mut layers = Vec::new();
+    let mut float_layers = Vec::new();
+    for (i, n) in graph.node.iter().enumerate() {
+        if folded_clips.contains(&i) {
+            continue;
+        }
+        let mut n = n.clone();
+        for input in n.input.iter_mut() {
+            if let Some(r) = renamed.get(input.as_str()) {
+                *input = r.clone();
+            }
+        }
+        let op = n.op_type.clone().unwrap_or_default();
+        let original_out = n.output.first().cloned().unwrap_or_default();
+        if plan.convs.contains(&i) {
+            let x = &graph.node[i].input[0];
+            let xs = params.get(x).map(|q| q.scale).ok_or_else(|| FormatError::Invalid {
+                what: "graph".into(),
+                detail: format!("the input `{x}` of Conv node {i} is not quantized"),
+            })?;
+            let w_t = init(&n.input[1], "Conv weight")?;
+            // A channel of (nearly) zero weights and a bias would need an
+            // int32 bias past i32 at scale xs·ws: its weight scale is
+            // raised so the bias stays within MAX_BIAS steps.
+            let min_scale = match n.input.get(2) {
+                Some(b) => Some(float_values(init(b, "Conv bias")?)?.iter().map(|b| b.abs() / (xs * MAX_BIAS)).collect::<Vec<f32>>()),
+                None => None,
+            };
+            let (w, wq, ws) = dequantized_weight(w_t, min_scale.as_deref(), &mut nodes, &mut new_inits)?;
+            removed.insert(n.input[1].clone());
+            let mut corrected = false;
+            if let Some(b_name) = n.input.get(2).cloned() {
+                let mut b = float_values(init(&b_name, "Conv bias")?)?;
+                let groups = attr_i(&n, "group").unwrap_or(1).max(1) as usize;
+                if let Some(e) = options
+                    .input_means
+                    .get(x)
+                    .and_then(|mean| expected_error(&w, &wq, &ws, &w_t.dims, groups, mean))
+                    .filter(|e| e.len() == b.len())
+                {
+                    b.iter_mut().zip(&e).for_each(|(b, e)| *b = (f64::from(*b) - e) as f32);
+                    corrected = true;
+                }
+                if b.len() != ws.len() {
+                    return Err(FormatError::Invalid {
+                        what: format!("Conv bias `{b_name}`"),
+                        detail: format!("{} values for {} output channels", b.len(), ws.len()),
+                    });
+                }
+                let bs: Vec<f32> = ws.iter().map(|w| w * xs).collect();
+                let bq: Vec<i32> = b
+                    .iter()
+                    .zip(&bs)
+                    .map(|(v, s)| (f64::from(*v) / f64::from(*s)).round().clamp(i32::MIN as f64, i32::MAX as f64) as i32)
+                    .collect();
+                let (bqn, bsn, bzn) = (format!("{b_name}.int32"), format!("{b_name}.scale"), format!("{b_name}.zero_point"));
+                let dims = [bq.len() as i64];
+                new_inits.push(i32_tensor(&bqn, &dims, &bq));
+                new_inits.push(f32_tensor(&bsn, &dims, &bs));
+                new_inits.push(i32_tensor(&bzn, &dims, &vec![0; bq.len()]));
+                nodes.push(node("DequantizeLinear", &format!("{b_name}.dequantize"), &[&bqn, &bsn, &bzn], &b_name, vec![axis0()]));
+                removed.insert(b_name);
+            }
+            let relu6 = plan.folded.get(&i).map(|&c| graph.node[c].output[0].clone());
+            layers.push(json!({
+                "layer": layer_name(&n.input[1]),
+                "op": "Conv",
+                "relu6_folded": relu6.is_some(),
+                "bias_corrected": corrected,
+                "weight_scale": ws,
+            }));
+            if let Some(y) = relu6 {
+                nodes.push(n);
+                nodes.extend(qdq(&original_out, &y, &y));
+                continue;
+            }
+        } else if matches!(op.as_str(), "Conv" | "Gemm") {
+            let w_name = n.input.get(1).cloned().unwrap_or_default();
+            if options.float_layers.iter().any(|f| f == &layer_name(&w_name)) {
+                float_layers.push(json!({"layer": layer_name(&w_name), "op": op, "reason": "requested", "weights": "float32"}));
+            } else {
+                let w_t = init(&w_name, &format!("{op} weight"))?;
+                dequantized_weight(w_t, None, &mut nodes, &mut new_inits)?;
+                removed.insert(w_name.clone());
+                float_layers.push(json!({"layer": layer_name(&w_name), "op": op, "reason": "head", "weights": "int8"}));
+            }
+        }
+        if params.contains_key(&original_out) {
+            let float = format!("{original_out}.float");
+            n.output[0] = float.clone();
+            nodes.push(n);
+            nodes.extend(qdq(&float, &original_out, &original_out));
+        } else {
+            nodes.push(n);
+        }
+    }
+    for t in &graph.initializer {
+        let name = t.name.clone().unwrap_or_default();
+        if !removed.contains(&name) {
+            new_inits.push(t.clone());
+        }
+    }
+    let mut out = graph.clone();
+    out.node = nodes;
+    out.initializer = new_inits;
+    let record = json!({
+        "scheme": Scheme::Qdq,
+        "weights": {"dtype": "int8", "symmetric": true, "zero_point": 0, "per_channel": true},
+        "activations": {"dtype": "int8", "asymmetric": true, "per_tensor": true},
+        "bias": {"dtype": "int32", "scale": "input scale × weight scale, per output channel"},
         "quantized_layers": layers,
         "float_layers": float_layers,
         "tensors": tensors,

@@ -947,7 +947,7 @@ mod tests {
         assert_eq!(est.nodes, graph.node.len());
         // The 224×224 input alone is 602 112 bytes; the stem output 1.6 MB.
         assert!(est.bytes > 2_000_000 && est.bytes < 100_000_000, "{est:?}");
-        for scheme in [Scheme::Weights, Scheme::Static] {
+        for scheme in [Scheme::Weights, Scheme::Static, Scheme::Qdq] {
             let options = Options { scheme, per_channel: true, float_layers: vec![], input_means: BTreeMap::new() };
             let ranges: BTreeMap<String, Range> = calibration_tensors(&graph, &options)
                 .unwrap()
@@ -957,6 +957,18 @@ mod tests {
             let (q, _) = quantize_graph(&graph, &ranges, &options).unwrap();
             if scheme == Scheme::Static {
                 assert!(q.node.iter().any(|n| n.op_type.as_deref() == Some("QLinearConv")));
+            }
+            if scheme == Scheme::Qdq {
+                let count = |op: &str| q.node.iter().filter(|n| n.op_type.as_deref() == Some(op)).count();
+                // Every ReLU6 after a convolution is folded into a range.
+                assert_eq!(count("Clip"), 0);
+                assert_eq!(count("Conv"), graph.node.iter().filter(|n| n.op_type.as_deref() == Some("Conv")).count());
+                assert_eq!(count("QuantizeLinear"), ranges.len());
+                // Every int32 bias within 2^24 steps (a weight scale is raised where needed).
+                for t in q.initializer.iter().filter(|t| t.data_type == Some(crate::onnx::tensor_proto::DataType::Int32 as i32)) {
+                    let raw = t.raw_data.as_deref().unwrap_or_default();
+                    assert!(raw.chunks_exact(4).all(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]).unsigned_abs() <= 1 << 24), "{:?}", t.name);
+                }
             }
             check_default(q, m.clone()).unwrap_or_else(|e| panic!("{scheme:?}: {e}"));
         }

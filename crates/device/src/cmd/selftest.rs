@@ -1,10 +1,10 @@
-//! `tern-device selftest`: Tern's fused kernels on this CPU against plain
-//! reference loops.
+//! `tern-device selftest`: Tern's fused float and int8 kernels on this CPU
+//! against plain reference loops.
 
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Result};
-use tern_device::fused;
+use tern_device::{fused, int8};
 
 /// Arguments of `selftest`.
 #[derive(clap::Args)]
@@ -18,5 +18,7 @@ pub fn run(_: Args) -> Result<ExitCode> {
         fused::kernel_isa(),
         if fused::supported() { "used" } else { "not used" }
     );
+    let cases = int8::check::all().map_err(|e| anyhow!("int8 kernel check failed: {e:#}"))?;
+    outln!("int8 ops: {} kernels; {cases} cases equal plain integer reference loops", int8::kernel_isa());
     Ok(ExitCode::SUCCESS)
 }

@@ -30,6 +30,11 @@ pub enum SchemeArg {
     /// int8 weights and activations (QLinearConv) for full and 1×1
     /// convolutions; depthwise, residual adds, pooling and head in float.
     Static,
+    /// QDQ form (onnxruntime's): QuantizeLinear/DequantizeLinear on every
+    /// activation between convolutions, per-channel int8 weights, int32
+    /// biases, ReLU6 folded into the ranges; the head in float. The form
+    /// integer kernels fuse (onnxruntime, Tern's device).
+    Qdq,
 }
 
 /// Arguments of `quantize`.
@@ -134,6 +139,7 @@ pub fn recipe(a: &Args) -> Result<Recipe> {
     let scheme = match a.scheme {
         SchemeArg::Static => Scheme::Static,
         SchemeArg::Weights => Scheme::Weights,
+        SchemeArg::Qdq => Scheme::Qdq,
     };
     Ok(Recipe {
         method,
@@ -149,7 +155,7 @@ pub fn recipe(a: &Args) -> Result<Recipe> {
             (Some(r), _) if r == 0.0 => None,
             (Some(r), _) => Some(r.max(1.0)),
             (None, Scheme::Weights) => Some(DEFAULT_MIN_SHRINK),
-            (None, Scheme::Static) => None,
+            (None, Scheme::Static | Scheme::Qdq) => None,
         },
     })
 }

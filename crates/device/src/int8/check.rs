@@ -1,0 +1,259 @@
+//! The integer ops against plain reference loops (i64 sums over signed
+//! coordinates, the input zero point subtracted per value, the
+//! requantization written out again), over both layouts, channel tails,
+//! strides, padding, 1×1 spatial inputs, residuals, clamps and zero
+//! points: the op as planned (this CPU's kernel) and the portable loops
+//! must equal the reference exactly. The unit tests run these cases, and
+//! so does `tern-device selftest` (how the aarch64 kernels are checked
+//! under qemu-user).
+
+use tract_onnx::tract_core::internal::*;
+
+use super::{QAdd, QDepthwise, QPointwise, Requant};
+use crate::fused::{Geometry, Layout};
+
+/// Deterministic int8 values over the whole range.
+fn bytes(n: usize, seed: u32) -> Vec<i8> {
+    let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s >> 24) as u8 as i8
+        })
+        .collect()
+}
+
+/// Requantization parameters for `co` channels summing `terms` products:
+/// multipliers that spread the outputs over the int8 range.
+fn requant(co: usize, terms: usize, residual: bool, zero_point: i32, clamp: (i8, i8)) -> Requant {
+    let b = bytes(co, 9);
+    Requant {
+        multiplier: (0..co).map(|c| (1.0 + (c % 7) as f32 / 3.0) / (terms as f32).sqrt() / 160.0).collect(),
+        bias: b.iter().map(|&v| i32::from(v) * 37).collect(),
+        zero_point,
+        residual: residual.then_some((0.73, -5)),
+        clamp,
+    }
+}
+
+/// The requantization of a sum `acc` (bias included), written out.
+fn reference_requant(acc: i64, m: f32, r: Option<(i8, f32, i32)>, zy: i32, clamp: (i8, i8)) -> i8 {
+    let mut v = acc as i32 as f32 * m;
+    if let Some((r, mr, zr)) = r {
+        v += (i32::from(r) - zr) as f32 * mr;
+    }
+    let v = v.clamp(-1024.0, 1024.0).round_ties_even() as i32 + zy;
+    v.clamp(i32::from(clamp.0), i32::from(clamp.1)) as i8
+}
+
+/// Runs every case; the number of cases checked, or the first mismatch.
+pub fn all() -> TractResult<usize> {
+    Ok(pointwise()? + depthwise()? + add()?)
+}
+
+/// Residual adds: every pair of int8 values, zero points and multipliers
+/// that saturate and that do not.
+pub(super) fn add() -> TractResult<usize> {
+    let all: Vec<i8> = (-128..=127).collect();
+    let (a, b): (Vec<i8>, Vec<i8>) = all.iter().flat_map(|&x| all.iter().map(move |&y| (x, y))).unzip();
+    let mut n = 0;
+    for (ma, za, mb, zb, zy) in [(0.5f32, -128, 0.75f32, 3, -5), (1.7, 10, 0.2, -128, 0), (0.31, 0, 0.29, 0, 127)] {
+        let op = QAdd { a: (ma, za), b: (mb, zb), zero_point: zy, shape: tvec![a.len()] };
+        op.check()?;
+        let got = op.eval(&EvalContext::out_of_plan(), tvec![tensor1(&a).into_tvalue(), tensor1(&b).into_tvalue()])?;
+        let got = got[0].try_as_plain_ram()?.as_slice::<i8>()?;
+        for (k, ((&x, &y), &g)) in a.iter().zip(&b).zip(got).enumerate() {
+            let v = (i32::from(x) - za) as f32 * ma + (i32::from(y) - zb) as f32 * mb;
+            let want = (v.clamp(-1024.0, 1024.0).round_ties_even() as i32 + zy).clamp(-128, 127) as i8;
+            ensure!(g == want, "{op:?} at {k} ({x} + {y}): {g}, reference {want}");
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// 1×1 convolutions.
+pub(super) fn pointwise() -> TractResult<usize> {
+    use Layout::*;
+    let mut n = 0;
+    for (ci, co, pixels) in [(16, 96, 61), (24, 40, 13), (3, 8, 1), (32, 16, 64), (144, 24, 7), (5, 33, 130), (96, 24, 3136)] {
+        for (i, o) in [(ChannelMajor, ChannelMajor), (PixelMajor, PixelMajor), (ChannelMajor, PixelMajor), (PixelMajor, ChannelMajor)] {
+            for (residual, zx, zy, clamp) in [(false, -128, -128, (-128, 127)), (true, 7, 3, (-128, 127)), (false, -20, 0, (-100, 90))] {
+                pointwise_case(ci, co, pixels, i, o, residual, zx, zy, clamp)?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pointwise_case(ci: usize, co: usize, pixels: usize, i: Layout, o: Layout, residual: bool, zx: i32, zy: i32, clamp: (i8, i8)) -> TractResult<()> {
+    let (x, w, r) = (bytes(pixels * ci, 1), bytes(ci * co, 2).iter().map(|&v| v.max(-127)).collect::<Vec<i8>>(), bytes(pixels * co, 4));
+    let rq = requant(co, ci, residual, zy, clamp);
+    let at = |l: Layout, p: usize, c: usize, channels: usize| match l {
+        PixelMajor => p * channels + c,
+        ChannelMajor => c * pixels + p,
+    };
+    use Layout::*;
+    let mut want = vec![0i8; pixels * co];
+    for p in 0..pixels {
+        for c in 0..co {
+            let mut acc = i64::from(rq.bias[c]);
+            for k in 0..ci {
+                acc += (i64::from(x[at(i, p, k, ci)]) - i64::from(zx)) * i64::from(w[c * ci + k]);
+            }
+            let y = at(o, p, c, co);
+            let res = rq.residual.map(|(m, z)| (r[y], m, z));
+            want[y] = reference_requant(acc, rq.multiplier[c], res, zy, clamp);
+        }
+    }
+    let shape = match o {
+        PixelMajor => tvec![pixels, co],
+        ChannelMajor => tvec![co, pixels],
+    };
+    let op = QPointwise::new(ci, co, pixels, i, o, shape.clone(), &w, zx, rq)?;
+    let mut inputs = tvec![Tensor::from_shape(&[pixels * ci], &x)?.into_tvalue()];
+    if residual {
+        inputs.push(Tensor::from_shape(&shape, &r)?.into_tvalue());
+    }
+    let got = op.eval(&EvalContext::out_of_plan(), inputs)?;
+    let got = got[0].try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
+    let rows = if o == PixelMajor { pixels } else { co };
+    let mut portable = vec![0i8; pixels * co];
+    op.compute_portable(&x, residual.then_some(&r[..]), &mut portable, (0, rows));
+    let case = format!("{op:?} zx {zx} zy {zy} clamp {clamp:?}");
+    compare(&case, &got, &portable, &want, clamp)?;
+    if i == ChannelMajor && o == ChannelMajor {
+        // The channel-major tiles without the ISA's kernel.
+        op.channel_major_with(&x, residual.then_some(&r[..]), &mut portable, (0, co), false);
+        compare(&format!("{case}, portable tiles"), &got, &portable, &want, clamp)?;
+    }
+    Ok(())
+}
+
+/// Depthwise convolutions.
+pub(super) fn depthwise() -> TractResult<usize> {
+    // (c, h, w, kernel, strides, pad top/left, pad bottom/right)
+    let cases = [
+        (96, 12, 13, (3, 3), (2, 2), (0, 0), (1, 1)),
+        (32, 9, 9, (3, 3), (1, 1), (1, 1), (1, 1)),
+        (20, 7, 7, (5, 5), (1, 1), (2, 2), (2, 2)),
+        (11, 10, 15, (5, 5), (2, 2), (1, 2), (2, 2)),
+        (3, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1)),
+        (16, 3, 17, (1, 3), (1, 3), (0, 1), (0, 1)),
+        (24, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1)),
+        (36, 6, 20, (3, 3), (1, 1), (1, 1), (1, 1)),
+    ];
+    let mut n = 0;
+    for (c, h, w, kernel, strides, pad, after) in cases {
+        let out = ((h + pad.0 + after.0 - kernel.0) / strides.0 + 1, (w + pad.1 + after.1 - kernel.1) / strides.1 + 1);
+        let g = Geometry { c, h, w, kernel, strides, pad, out };
+        for layout in [Layout::ChannelMajor, Layout::PixelMajor] {
+            for (residual, zx, zy, clamp) in [(false, -128, -128, (-128, 127)), (true, 9, -3, (-128, 127)), (false, 0, 5, (-128, 100))] {
+                depthwise_case(&g, layout, residual, zx, zy, clamp)?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+fn depthwise_case(g: &Geometry, layout: Layout, residual: bool, zx: i32, zy: i32, clamp: (i8, i8)) -> TractResult<()> {
+    let (kh, kw) = g.kernel;
+    let len = g.out.0 * g.out.1 * g.c;
+    let (x, k, r) = (bytes(g.h * g.w * g.c, 1), bytes(g.c * kh * kw, 2).iter().map(|&v| v.max(-127)).collect::<Vec<i8>>(), bytes(len, 4));
+    let rq = requant(g.c, kh * kw, residual, zy, clamp);
+    let xi = |y: usize, xx: usize, c: usize| match layout {
+        Layout::PixelMajor => (y * g.w + xx) * g.c + c,
+        Layout::ChannelMajor => (c * g.h + y) * g.w + xx,
+    };
+    let yi = |y: usize, xx: usize, c: usize| match layout {
+        Layout::PixelMajor => (y * g.out.1 + xx) * g.c + c,
+        Layout::ChannelMajor => (c * g.out.0 + y) * g.out.1 + xx,
+    };
+    let mut want = vec![0i8; len];
+    for oy in 0..g.out.0 {
+        for ox in 0..g.out.1 {
+            for c in 0..g.c {
+                let mut acc = i64::from(rq.bias[c]);
+                for ky in 0..kh {
+                    for kx in 0..kw {
+                        let iy = (oy * g.strides.0 + ky) as isize - g.pad.0 as isize;
+                        let ix = (ox * g.strides.1 + kx) as isize - g.pad.1 as isize;
+                        if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                            let v = i64::from(x[xi(iy as usize, ix as usize, c)]) - i64::from(zx);
+                            acc += v * i64::from(k[(c * kh + ky) * kw + kx]);
+                        }
+                    }
+                }
+                let at = yi(oy, ox, c);
+                let res = rq.residual.map(|(m, z)| (r[at], m, z));
+                want[at] = reference_requant(acc, rq.multiplier[c], res, zy, clamp);
+            }
+        }
+    }
+    let shape = match layout {
+        Layout::PixelMajor => tvec![g.out.0, g.out.1, g.c],
+        Layout::ChannelMajor => tvec![g.c, g.out.0, g.out.1],
+    };
+    let op = QDepthwise::new(g.clone(), layout, shape.clone(), &k, zx, rq)?;
+    let mut inputs = tvec![Tensor::from_shape(&[x.len()], &x)?.into_tvalue()];
+    if residual {
+        inputs.push(Tensor::from_shape(&shape, &r)?.into_tvalue());
+    }
+    let got = op.eval(&EvalContext::out_of_plan(), inputs)?;
+    let got = got[0].try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
+    let mut portable = vec![0i8; len];
+    let res = residual.then_some(&r[..]);
+    match layout {
+        Layout::PixelMajor => op.pixel_major(&x, res, &mut portable, (0, g.out.0)),
+        Layout::ChannelMajor => op.channel_major(&x, res, &mut portable, (0, g.c)),
+    }
+    compare(&format!("{op:?} zx {zx} zy {zy} clamp {clamp:?}"), &got, &portable, &want, clamp)
+}
+
+/// The op's outputs and its loops' equal to the reference, and the case
+/// not degenerate: at least 16 distinct output levels strictly inside
+/// the clamp (one per eight outputs in small cases; none asked of cases
+/// under 64 outputs).
+fn compare(case: &str, kernel: &[i8], portable: &[i8], want: &[i8], clamp: (i8, i8)) -> TractResult<()> {
+    ensure!(kernel.len() == want.len() && portable.len() == want.len(), "{case}: output lengths differ");
+    for (k, ((g, p), e)) in kernel.iter().zip(portable).zip(want).enumerate() {
+        ensure!(g == e, "{case} at {k}: kernel {g}, reference {e}");
+        ensure!(p == e, "{case} at {k}: portable {p}, reference {e}");
+    }
+    let levels: std::collections::HashSet<i8> = want.iter().copied().filter(|&v| v > clamp.0 && v < clamp.1).collect();
+    ensure!(want.len() < 64 || levels.len() >= 16.min(want.len() / 8), "{case}: only {} output levels inside the clamp", levels.len());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pointwise_every_layout_tail_residual_and_clamp_equals_plain_loops() {
+        super::pointwise().unwrap();
+    }
+
+    #[test]
+    fn depthwise_every_layout_stride_padding_residual_and_clamp_equals_plain_loops() {
+        super::depthwise().unwrap();
+    }
+
+    #[test]
+    fn residual_add_of_every_pair_equals_the_formula() {
+        super::add().unwrap();
+    }
+
+    #[test]
+    fn pointwise_threads_split_rows_without_overlap() {
+        use tract_onnx::tract_core::tract_linalg::multithread::{multithread_tract_scope, Executor};
+        multithread_tract_scope(Executor::multithread(3), || {
+            for (i, o) in [(super::Layout::ChannelMajor, super::Layout::ChannelMajor), (super::Layout::PixelMajor, super::Layout::PixelMajor)] {
+                super::pointwise_case(64, 320, 3136, i, o, true, 3, -2, (-128, 127)).unwrap();
+            }
+        });
+    }
+}
