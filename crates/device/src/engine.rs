@@ -121,6 +121,12 @@ pub struct LoadOptions {
     /// Most bytes the graph's values may need, as estimated by
     /// [`tern_model_format::validate`] before tract sees the graph.
     pub memory_budget: u64,
+    /// Put Tern's integer ops ([`crate::int8`]) in the plan of a QDQ
+    /// bundle (with [`Kernels::Tern`]). Off by default: they are exact
+    /// against their reference loops but not yet faster than tract's own
+    /// handling of the same file (docs/performance.md), so they are opt-in
+    /// until they are.
+    pub int8_ops: bool,
 }
 
 impl Default for LoadOptions {
@@ -130,6 +136,7 @@ impl Default for LoadOptions {
             kernels: Kernels::Tern,
             threads: 1,
             memory_budget: validate::DEFAULT_MEMORY_BUDGET,
+            int8_ops: false,
         }
     }
 }
@@ -153,6 +160,11 @@ impl LoadOptions {
     /// These options with a memory budget of `bytes`.
     pub fn memory_budget(self, bytes: u64) -> LoadOptions {
         LoadOptions { memory_budget: bytes, ..self }
+    }
+
+    /// These options with Tern's integer ops on or off for QDQ bundles.
+    pub fn int8_ops(self, int8_ops: bool) -> LoadOptions {
+        LoadOptions { int8_ops, ..self }
     }
 
     /// tract's executor for [`LoadOptions::threads`]; a plan runs on it
@@ -221,7 +233,9 @@ fn optimize_checked(bundle: &Bundle, options: &LoadOptions) -> Result<(TypedMode
             if options.kernels == Kernels::Tern {
                 // The integer chains first: the float rewrite would take
                 // their convolutions.
-                fused = crate::int8::rewrite(&mut typed).context("cannot put the integer convolutions in")?;
+                if options.int8_ops {
+                    fused = crate::int8::rewrite(&mut typed).context("cannot put the integer convolutions in")?;
+                }
                 fused += crate::fused::rewrite(&mut typed).context("cannot fuse the convolutions")?;
             }
             typed.into_optimized().context("tract cannot optimise the graph")?

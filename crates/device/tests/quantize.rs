@@ -285,7 +285,7 @@ fn onnxruntime_runs_the_qdq_int8_file_like_tract() {
 fn tern_int8_ops_run_the_qdq_bundle_like_tract() {
     use tern_device::Kernels;
     let int8 = int8(Scheme::Qdq);
-    let mut tern = Classifier::load(int8, &LoadOptions::default()).unwrap();
+    let mut tern = Classifier::load(int8, &LoadOptions::default().int8_ops(true)).unwrap();
     let mut tract = Classifier::load(int8, &LoadOptions::default().kernels(Kernels::Tract)).unwrap();
     // 15 expansions, 16 projections, 16 depthwise, the head 1×1, 9 residual
     // adds (int8) and the stem (float).

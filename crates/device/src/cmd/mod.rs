@@ -61,6 +61,11 @@ pub struct EngineArgs {
     /// reads the graph; a bundle over it is refused.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     memory_budget_mib: u64,
+    /// Run a QDQ int8 bundle's convolutions with Tern's integer ops
+    /// (experimental: exact, but not yet faster than tract's handling of
+    /// the same file; see docs/performance.md).
+    #[arg(long, conflicts_with = "tract_kernels")]
+    int8_ops: bool,
     /// Which bundles may run.
     #[command(flatten)]
     pub trust: TrustArgs,
@@ -108,6 +113,7 @@ impl EngineArgs {
             kernels: if self.tract_kernels { Kernels::Tract } else { Kernels::Tern },
             threads: usize::from(self.threads),
             memory_budget: self.memory_budget_mib << 20,
+            int8_ops: self.int8_ops,
         }
     }
 }
