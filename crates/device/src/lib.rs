@@ -18,6 +18,7 @@ pub mod runloop;
 pub mod smooth;
 pub mod source;
 pub mod trust;
+pub mod web;
 pub mod evaluate;
 pub mod npy;
 pub mod perf;

@@ -34,6 +34,7 @@ pub mod bench;
 pub mod cameras;
 pub mod classify;
 pub mod eval;
+pub mod http;
 pub mod info;
 pub mod run;
 pub mod selftest;

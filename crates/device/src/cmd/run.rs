@@ -132,6 +132,8 @@ pub struct Args {
     /// How the bundle, and every reloaded one, is loaded.
     #[command(flatten)]
     engine: super::EngineArgs,
+    #[command(flatten)]
+    http: super::http::HttpArgs,
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
@@ -202,6 +204,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
         None => None,
     };
+    let mut web = a.http.start(&a.bundle, &trust, &options)?;
     let reloader = if a.no_reload {
         None
     } else {
@@ -222,6 +225,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     if let Some(m) = &mut mqtt {
         sinks.push(m);
+    }
+    if let Some((_, w)) = &mut web {
+        sinks.push(w);
     }
     let bundle = a.bundle.display().to_string();
     let summary = runloop::run(open, classifier, &bundle, &opts, &mut sinks, reloader.as_ref(), &stop)?;
