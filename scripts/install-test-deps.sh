@@ -7,6 +7,10 @@
 #               service is not started here), and mosquitto_passwd, which
 #               writes the password file of its TLS tests (their
 #               certificates are made by the tests themselves, with rcgen)
+#   chromium, chromium-driver
+#               the headless browser and its WebDriver server that
+#               crates/device/tests/web_browser.rs drives to check the live
+#               web view of `tern-device run --http`
 #
 # Idempotent: when every package is already installed it returns without
 # touching apt. Must run as root (or with sudo available).
@@ -14,7 +18,7 @@
 #   scripts/install-test-deps.sh
 set -euo pipefail
 
-PACKAGES=(mosquitto)
+PACKAGES=(mosquitto chromium chromium-driver)
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then
@@ -43,3 +47,6 @@ fi
 command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || { echo "error: mosquitto missing after install" >&2; exit 1; }
 command -v mosquitto_passwd >/dev/null || { echo "error: mosquitto_passwd missing after install" >&2; exit 1; }
 echo "mosquitto: $(/usr/sbin/mosquitto -h 2>/dev/null | head -n1 || true)"
+command -v chromium >/dev/null || { echo "error: chromium missing after install" >&2; exit 1; }
+command -v chromedriver >/dev/null || { echo "error: chromedriver missing after install" >&2; exit 1; }
+echo "chromium: $(chromium --version 2>/dev/null || true)"

@@ -21,6 +21,7 @@ pub mod smooth;
 pub mod snapshot;
 pub mod source;
 pub mod trust;
+pub mod web;
 pub mod evaluate;
 pub mod npy;
 pub mod perf;

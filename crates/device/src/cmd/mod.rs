@@ -35,6 +35,7 @@ pub mod cameras;
 pub mod capture_args;
 pub mod classify;
 pub mod eval;
+pub mod http;
 pub mod info;
 pub mod netcam;
 pub mod review;

@@ -141,6 +141,8 @@ pub struct Args {
     netcam: super::netcam::NetcamArgs,
     #[command(flatten)]
     capture: super::capture_args::CaptureArgs,
+    #[command(flatten)]
+    http: super::http::HttpArgs,
 }
 
 fn parse_resolution(s: &str) -> Result<(u32, u32), String> {
@@ -216,6 +218,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
         None => None,
     };
+    let mut web = a.http.start(&a.bundle, &trust, &options)?;
     let reloader = if a.no_reload {
         None
     } else {
@@ -244,6 +247,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     if let Some(m) = &mut mqtt {
         sinks.push(m);
+    }
+    if let Some((_, w)) = &mut web {
+        sinks.push(w);
     }
     let bundle = a.bundle.display().to_string();
     let summary = runloop::run(open, classifier, &bundle, &opts, &mut sinks, reloader.as_ref(), &stop)?;

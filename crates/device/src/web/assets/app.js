@@ -1,0 +1,102 @@
+// The live view: the MJPEG stream in an <img>, /api/status polled for the
+// label, bars and figures, /api/events (server-sent events) for the log.
+"use strict";
+(function () {
+  const token = new URLSearchParams(location.search).get("token");
+  const q = token ? "?token=" + encodeURIComponent(token) : "";
+  const auth = token ? { Authorization: "Bearer " + token } : {};
+  const $ = (id) => document.getElementById(id);
+  const pct = (p) => (100 * p).toFixed(1) + " %";
+
+  $("stream").src = "stream.mjpg" + q;
+
+  function bars(top) {
+    const box = $("bars");
+    box.textContent = "";
+    for (const s of top) {
+      const row = document.createElement("div");
+      row.className = "row";
+      const name = document.createElement("span");
+      name.className = "name";
+      name.textContent = s.label;
+      name.title = s.label;
+      const track = document.createElement("span");
+      track.className = "track";
+      const fill = document.createElement("span");
+      fill.className = "fill";
+      fill.style.display = "block";
+      fill.style.width = Math.max(0, Math.min(100, 100 * s.probability)) + "%";
+      track.appendChild(fill);
+      const p = document.createElement("span");
+      p.className = "p";
+      p.textContent = pct(s.probability);
+      row.append(name, track, p);
+      box.appendChild(row);
+    }
+  }
+
+  function show(s) {
+    const label = $("label");
+    label.textContent = s.label === null ? "no label" : s.label;
+    label.className = s.label === null ? "label none" : "label";
+    $("confidence").textContent = pct(s.confidence);
+    bars(s.top);
+    $("fps").textContent = s.fps.toFixed(1);
+    $("latency").textContent = s.latency_ms.toFixed(1) + " ms";
+    $("frames").textContent = s.frames;
+    $("dropped").textContent = s.dropped;
+    $("slow").textContent = s.slow;
+    $("viewers").textContent = s.viewers;
+    $("bundle").textContent = s.bundle;
+    $("source").textContent = s.source;
+    $("frame").textContent = s.width ? "frame " + s.frame + (s.name ? " · " + s.name : "") + " · " + s.width + "×" + s.height : "waiting for the first frame";
+  }
+
+  async function poll() {
+    try {
+      const r = await fetch("api/status", { headers: auth, cache: "no-store" });
+      if (r.ok) show(await r.json());
+    } catch (e) { /* the next poll tries again */ }
+    setTimeout(poll, 300);
+  }
+  poll();
+
+  function describe(e) {
+    const t = new Date(e.ts_ms).toLocaleTimeString();
+    switch (e.event) {
+      case "label": return t + "  label " + (e.label === null ? "none" : e.label) + " (" + pct(e.confidence) + ")";
+      case "stats": return t + "  stats " + e.fps.toFixed(1) + " fps, " + e.latency_ms_mean.toFixed(1) + " ms, " + e.dropped + " dropped";
+      case "reload": return t + "  reload " + (e.ok ? "done: " : "refused: ") + e.detail;
+      case "source": return t + "  source " + e.state + ": " + e.detail;
+      case "slow-frame": return t + "  slow frame " + e.frame + ": " + e.latency_ms.toFixed(1) + " ms";
+      default: return t + "  " + e.event;
+    }
+  }
+
+  const list = $("events");
+  const events = new EventSource("api/events" + q);
+  events.onopen = () => { $("conn").textContent = ""; };
+  events.onerror = () => { $("conn").textContent = "(reconnecting)"; };
+  events.onmessage = (m) => {
+    let e;
+    try { e = JSON.parse(m.data); } catch (err) { return; }
+    const li = document.createElement("li");
+    li.textContent = describe(e);
+    list.insertBefore(li, list.firstChild);
+    while (list.children.length > 40) list.removeChild(list.lastChild);
+  };
+
+  $("upload").onsubmit = async (ev) => {
+    ev.preventDefault();
+    const f = $("file").files[0];
+    if (!f) return;
+    $("result").textContent = "…";
+    try {
+      const r = await fetch("api/classify", { method: "POST", headers: auth, body: f });
+      const j = await r.json();
+      $("result").textContent = r.ok ? j.top.map((s) => s.label + " " + pct(s.probability)).join(", ") : j.error;
+    } catch (e) {
+      $("result").textContent = String(e);
+    }
+  };
+})();

@@ -1,0 +1,292 @@
+//! The live web view of `tern-device run --http`, served by the real binary
+//! on 127.0.0.1 with a synthetic source and the tiny colour bundle: status,
+//! MJPEG stream, server-sent events, uploads, metrics, the token, the client
+//! limit, and bad clients that must never stall the loop.
+
+mod support;
+mod web_common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::time::{Duration, Instant};
+
+use support::*;
+use web_common::*;
+
+/// Red then green, 20 frames each, 50 frames a second, over and over: the
+/// active label changes every 0.4 s.
+const RED_GREEN: &[&str] = &["--synthetic", "red*20,green*20", "--fps", "50", "--loop", "--report-every", "0.5"];
+
+fn png(rgb: [u8; 3]) -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(40, 30, image::Rgb(rgb));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+fn frames(d: &Device) -> u64 {
+    d.status(None)["frames"].as_u64().expect("frames")
+}
+
+#[test]
+fn status_and_metrics_follow_the_loop() {
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let d = Device::start(&bundle, RED_GREEN, &[]);
+    let red = d.wait_status(Duration::from_secs(10), "label red", |s| s["label"] == "red");
+    assert_eq!(red["top"][0]["label"], "red", "{red}");
+    assert!(red["top"][0]["probability"].as_f64().unwrap() > 0.5, "{red}");
+    assert_eq!((red["width"].as_u64(), red["height"].as_u64()), (Some(64), Some(48)), "{red}");
+    assert!(red["bundle"].as_str().unwrap().ends_with(".onnx"), "{red}");
+    let green = d.wait_status(Duration::from_secs(10), "label green", |s| s["label"] == "green");
+    assert_eq!(green["top"][0]["label"], "green", "{green}");
+    assert!(green["frames"].as_u64() > red["frames"].as_u64());
+    let s = d.wait_status(Duration::from_secs(10), "fps and captured figures", |s| {
+        s["fps"].as_f64().unwrap() > 5.0 && s["captured"].as_u64().unwrap() > 0
+    });
+    assert!(s["latency_ms"].as_f64().unwrap() > 0.0, "{s}");
+
+    let metrics = ureq::get(&d.url("/metrics")).call().unwrap().into_string().unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert!(value("tern_frames_total") > 0.0, "{metrics}");
+    assert!(value("tern_inference_latency_seconds_count") > 0.0, "{metrics}");
+    assert!(value("tern_captured_frames_total") > 0.0, "{metrics}");
+    for name in ["tern_dropped_frames_total", "tern_reloads_total", "tern_reloads_refused_total", "tern_slow_frames_total"]
+    {
+        value(name);
+    }
+    assert!(value("tern_http_clients") >= 1.0, "this request is a client\n{metrics}");
+    assert!(metrics.contains("tern_inference_latency_seconds_bucket{le=\"0.001\"}"), "{metrics}");
+
+    let page = ureq::get(&d.url("/")).call().unwrap();
+    assert!(page.content_type().starts_with("text/html"));
+    let page = page.into_string().unwrap();
+    assert!(page.contains("id=\"stream\"") && page.contains("app.js"), "{page}");
+    let js = ureq::get(&d.url("/app.js")).call().unwrap().into_string().unwrap();
+    assert!(js.contains("stream.mjpg") && js.contains("api/events"));
+    assert_eq!(ureq::get(&d.url("/nothing-here")).call().unwrap_err().into_response().map(|r| r.status()), Some(404));
+}
+
+#[test]
+fn the_mjpeg_stream_yields_decodable_frames_and_counts_its_viewers() {
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let d = Device::start(&bundle, RED_GREEN, &[]);
+    let (s, head) = d.raw(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code(&head), 200, "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: multipart/x-mixed-replace; boundary=ternframe"), "{head}");
+    let mut r = BufReader::new(s);
+    let mut colours = Vec::new();
+    let started = Instant::now();
+    for _ in 0..6 {
+        // Chunked transfer: skip chunk-size lines until the boundary.
+        let mut line = String::new();
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert!(!line.is_empty(), "stream ended");
+            if line.trim_end() == "--ternframe" {
+                break;
+            }
+        }
+        let mut len = None;
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            if line.trim_end().is_empty() {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = Some(v.trim().parse::<usize>().unwrap());
+            }
+        }
+        let mut jpeg = vec![0; len.expect("part without Content-Length")];
+        read_chunked(&mut r, &mut jpeg);
+        let img = image::load_from_memory_with_format(&jpeg, image::ImageFormat::Jpeg).expect("a JPEG").to_rgb8();
+        assert_eq!(img.dimensions(), (64, 48));
+        let p = img.get_pixel(32, 24).0;
+        colours.push(if p[0] > p[1] { "red" } else { "green" });
+    }
+    // 6 frames at the default 10 frames a second: the rate cap holds.
+    assert!(started.elapsed() >= Duration::from_millis(400), "{:?}", started.elapsed());
+    let s = d.status(None);
+    assert_eq!(s["viewers"], 1, "{s}");
+    assert!(colours.contains(&"red") || colours.contains(&"green"), "{colours:?}");
+    drop(r);
+    d.wait_status(Duration::from_secs(5), "viewer gone", |s| s["viewers"] == 0);
+}
+
+/// Reads `buf.len()` bytes of a chunked body's payload, skipping the chunk
+/// framing (each chunk of the stream is one whole part, or a part split by
+/// hyper; the framing lines are hex sizes and CRLFs).
+fn read_chunked(r: &mut BufReader<std::net::TcpStream>, buf: &mut [u8]) {
+    // hyper writes each part as one chunk, so the JPEG lies inside one
+    // chunk after its headers: read it directly.
+    r.read_exact(buf).unwrap();
+}
+
+#[test]
+fn server_sent_events_deliver_label_changes() {
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let d = Device::start(&bundle, RED_GREEN, &[]);
+    let (s, head) = d.raw(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code(&head), 200, "{head}");
+    assert!(head.to_ascii_lowercase().contains("text/event-stream"), "{head}");
+    let mut r = BufReader::new(s);
+    let mut seen = Vec::new();
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut line = String::new();
+    while !(seen.contains(&"red".to_owned()) && seen.contains(&"green".to_owned())) {
+        assert!(Instant::now() < end, "labels seen: {seen:?}");
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if let Some(data) = line.trim_end().strip_prefix("data: ") {
+            let e: serde_json::Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{data}: {e}"));
+            if e["event"] == "label" {
+                seen.push(e["label"].as_str().unwrap_or("null").to_owned());
+            }
+            assert_ne!(e["event"], "frame");
+        }
+    }
+}
+
+#[test]
+fn an_uploaded_image_is_classified_and_bad_uploads_are_refused() {
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let d = Device::start(&bundle, &[RED_GREEN, &["--http-max-upload", "1000000"][..]].concat(), &[]);
+    let r: serde_json::Value =
+        ureq::post(&d.url("/api/classify")).send_bytes(&png([230, 10, 20])).unwrap().into_json().unwrap();
+    assert_eq!(r["label"], "red", "{r}");
+    assert_eq!(r["top"][0]["label"], "red", "{r}");
+    assert_eq!((r["width"].as_u64(), r["height"].as_u64()), (Some(40), Some(30)), "{r}");
+    let r: serde_json::Value =
+        ureq::post(&d.url("/api/classify")).send_bytes(&png([10, 20, 230])).unwrap().into_json().unwrap();
+    assert_eq!(r["label"], "blue", "{r}");
+
+    // Not an image: 400, saying so.
+    let e = ureq::post(&d.url("/api/classify")).send_bytes(b"hello, not a picture").unwrap_err();
+    let resp = e.into_response().expect("a response");
+    assert_eq!(resp.status(), 400);
+    let body = resp.into_string().unwrap();
+    assert!(body.contains("not a readable image"), "{body}");
+
+    // Too big by its Content-Length: 413 before the body is sent.
+    let (_s, head) =
+        d.raw(b"POST /api/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 9000000\r\nContent-Type: image/png\r\n\r\n");
+    assert_eq!(code(&head), 413, "{head}");
+    // Too big, chunked (no length): 413 once the limit is passed.
+    let mut s = d.connect();
+    s.write_all(b"POST /api/classify HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap();
+    let chunk = vec![b'x'; 65536];
+    let mut sent = 0;
+    while sent <= 1_000_000 {
+        if s.write_all(format!("{:x}\r\n", chunk.len()).as_bytes()).is_err()
+            || s.write_all(&chunk).is_err()
+            || s.write_all(b"\r\n").is_err()
+        {
+            break;
+        }
+        sent += chunk.len();
+    }
+    let head = read_head(&mut s);
+    assert_eq!(code(&head), 413, "{head}");
+    assert!(frames(&d) > 0);
+}
+
+#[test]
+fn the_token_is_required_from_header_or_query() {
+    let (dir, bundle) = color_bundle_in_tempdir();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let d = Device::start(
+        &bundle,
+        &[RED_GREEN, &["--http-token-file", token_file.to_str().unwrap()][..]].concat(),
+        &[("TERN_HTTP_TOKEN", "the-file-wins")],
+    );
+    for path in ["/", "/api/status", "/stream.mjpg", "/api/events", "/metrics", "/api/status?token=wrong"] {
+        let e = ureq::get(&d.url(path)).call().unwrap_err();
+        assert_eq!(e.into_response().map(|r| r.status()), Some(401), "{path}");
+    }
+    let e = ureq::get(&d.url("/api/status")).set("Authorization", "Bearer the-file-wins").call().unwrap_err();
+    assert_eq!(e.into_response().map(|r| r.status()), Some(401));
+    assert!(d.status(Some("s3cret-token"))["frames"].is_u64());
+    let r = ureq::get(&d.url("/api/status?token=s3cret-token")).call().unwrap();
+    assert_eq!(r.status(), 200);
+    let (_s, head) = d.raw(b"GET /stream.mjpg?token=s3cret-token HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code(&head), 200, "{head}");
+
+    // From the environment when there is no file.
+    drop(d);
+    let d = Device::start(&bundle, RED_GREEN, &[("TERN_HTTP_TOKEN", "from-env")]);
+    assert_eq!(ureq::get(&d.url("/metrics")).call().unwrap_err().into_response().map(|r| r.status()), Some(401));
+    assert!(d.status(Some("from-env"))["frames"].is_u64());
+}
+
+#[test]
+fn clients_beyond_the_limit_get_503() {
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let d = Device::start(&bundle, &[RED_GREEN, &["--http-max-clients", "2"][..]].concat(), &[]);
+    let (a, head) = d.raw(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code(&head), 200);
+    let (_b, head) = d.raw(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code(&head), 200);
+    let (_c, head) = d.raw(b"GET /api/status HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(code(&head), 503, "{head}");
+    drop(a);
+    // The stream's slot comes back once its connection is gone.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_c, head) = d.raw(b"GET /api/status HTTP/1.1\r\nHost: x\r\n\r\n");
+        if code(&head) == 200 {
+            break;
+        }
+        assert!(Instant::now() < end, "the slot was not given back: {head}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn bad_and_slow_clients_never_stall_the_loop() {
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let d = Device::start(&bundle, RED_GREEN, &[]);
+    d.wait_status(Duration::from_secs(10), "first frames", |s| s["frames"].as_u64().unwrap() > 0);
+
+    // Not HTTP: 400.
+    let (_s, head) = d.raw(b"\x16\x03\x01 this is no request at all\r\n\r\n");
+    assert_eq!(code(&head), 400, "{head}");
+    // Headers over the limit: refused (431), not read into memory.
+    let big = format!("GET /api/status HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(64 << 10));
+    let mut s = d.connect();
+    let _ = s.write_all(big.as_bytes());
+    let head = read_head(&mut s);
+    assert!(head.is_empty() || code(&head) == 431 || code(&head) == 400, "{head}");
+    // A head that never ends, and viewers that never read, many of them.
+    let mut stuck = Vec::new();
+    let mut half = d.connect();
+    half.write_all(b"GET /api/status HTTP/1.1\r\nHost: x\r\n").unwrap();
+    stuck.push(half);
+    for _ in 0..3 {
+        let mut s = d.connect();
+        s.write_all(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        // Keep the socket's receive buffer small, and never read it.
+        stuck.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = frames(&d);
+    std::thread::sleep(Duration::from_secs(1));
+    let after = frames(&d);
+    assert!(after >= before + 20, "the loop stalled: {before} then {after} frames in 1 s");
+    // A client that said it would send a body and never does gets an
+    // error or is dropped, and costs no more than its own slot.
+    let (mut s, _) = (d.connect(), ());
+    s.write_all(b"POST /api/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").unwrap();
+    let before = frames(&d);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(frames(&d) > before);
+    drop(stuck);
+}
