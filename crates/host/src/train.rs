@@ -158,18 +158,9 @@ pub struct EpochStats {
     pub seconds: f64,
 }
 
-/// One validation image's result.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct Prediction {
-    /// The file.
-    pub path: PathBuf,
-    /// True label index.
-    pub label: usize,
-    /// Predicted label index.
-    pub predicted: usize,
-    /// Probability of each label (for a one-unit sigmoid: `[1 − p, p]`).
-    pub probabilities: Vec<f32>,
-}
+/// One validation image's result (the same type as a line of
+/// `tern-device eval --json`).
+pub use tern_model_format::report::Prediction;
 
 /// Seconds spent in each stage.
 #[derive(Debug, Clone, Default, Serialize)]
