@@ -50,6 +50,7 @@ pub mod files;
 pub mod manifest;
 #[allow(missing_docs, clippy::all)]
 pub mod onnx;
+pub mod onnx_build;
 #[cfg(feature = "preprocess")]
 pub mod preprocess;
 pub mod quantize;

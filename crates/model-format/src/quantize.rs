@@ -24,6 +24,7 @@ use serde_json::json;
 
 use crate::error::FormatError;
 use crate::onnx::{self, tensor_proto::DataType};
+use crate::onnx_build::{attr_int, node, tensor_f32, tensor_i32, tensor_i8};
 
 /// Which graph to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -483,59 +484,9 @@ pub fn replace_float_initializers(
                 detail: format!("{} values for dims {:?}", v.len(), t.dims),
             });
         }
-        *t = f32_tensor(name, &t.dims, v);
+        *t = tensor_f32(name, &t.dims, v);
     }
     Ok(())
-}
-
-fn i8_tensor(name: &str, dims: &[i64], v: &[i8]) -> onnx::TensorProto {
-    onnx::TensorProto {
-        name: Some(name.to_owned()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Int8 as i32),
-        raw_data: Some(v.iter().map(|&x| x as u8).collect()),
-        ..Default::default()
-    }
-}
-
-fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> onnx::TensorProto {
-    onnx::TensorProto {
-        name: Some(name.to_owned()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Float as i32),
-        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        ..Default::default()
-    }
-}
-
-fn i32_tensor(name: &str, dims: &[i64], v: &[i32]) -> onnx::TensorProto {
-    onnx::TensorProto {
-        name: Some(name.to_owned()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Int32 as i32),
-        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        ..Default::default()
-    }
-}
-
-fn node(op: &str, name: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeProto>) -> onnx::NodeProto {
-    onnx::NodeProto {
-        name: Some(name.to_owned()),
-        op_type: Some(op.to_owned()),
-        input: inputs.iter().map(|s| (*s).to_owned()).collect(),
-        output: vec![output.to_owned()],
-        attribute,
-        ..Default::default()
-    }
-}
-
-fn axis0() -> onnx::AttributeProto {
-    onnx::AttributeProto {
-        name: Some("axis".into()),
-        r#type: Some(onnx::attribute_proto::AttributeType::Int as i32),
-        i: Some(0),
-        ..Default::default()
-    }
 }
 
 /// The quantized graph, and the record for the manifest's `quantization`
@@ -656,8 +607,8 @@ impl<'g> Rewrite<'g> {
         let r = self.range(name)?;
         let q = QParams::asymmetric(r);
         let (s, z) = (format!("{name}.scale"), format!("{name}.zero_point"));
-        self.new_inits.push(f32_tensor(&s, &[], &[q.scale]));
-        self.new_inits.push(i8_tensor(&z, &[], &[q.zero_point]));
+        self.new_inits.push(tensor_f32(&s, &[], &[q.scale]));
+        self.new_inits.push(tensor_i8(&z, &[], &[q.zero_point]));
         self.tensors
             .insert(name.to_owned(), json!({"scale": q.scale, "zero_point": q.zero_point, "min": r.min, "max": r.max}));
         Ok((s, z))
@@ -674,9 +625,9 @@ impl<'g> Rewrite<'g> {
         let (wq, scales) = quantize_weights(&w, cout, per_channel);
         let sdims: Vec<i64> = if per_channel { vec![cout as i64] } else { vec![] };
         let names = [format!("{w_name}.int8"), format!("{w_name}.scale"), format!("{w_name}.zero_point")];
-        self.new_inits.push(i8_tensor(&names[0], &dims, &wq));
-        self.new_inits.push(f32_tensor(&names[1], &sdims, &scales));
-        self.new_inits.push(i8_tensor(&names[2], &sdims, &vec![0; scales.len()]));
+        self.new_inits.push(tensor_i8(&names[0], &dims, &wq));
+        self.new_inits.push(tensor_f32(&names[1], &sdims, &scales));
+        self.new_inits.push(tensor_i8(&names[2], &sdims, &vec![0; scales.len()]));
         self.removed.insert(w_name.to_owned());
         Ok(Int8Weight { dims, w, wq, scales, names })
     }
@@ -695,7 +646,7 @@ impl<'g> Rewrite<'g> {
         if !self.int8.contains_key(x) {
             let (s, z) = self.qparam(x)?;
             let q = format!("{x}.int8");
-            self.nodes.push(node("QuantizeLinear", &q, &[x, &s, &z], &q, vec![]));
+            self.nodes.push(node("QuantizeLinear", &[x, &s, &z], &q, vec![]));
             self.int8.insert(x.clone(), (q, s, z));
         }
         let (xq, xs, xz) = self.int8[x].clone();
@@ -717,19 +668,20 @@ impl<'g> Rewrite<'g> {
                 })
                 .collect();
             let bqn = format!("{b_name}.int32");
-            let bias = i32_tensor(&bqn, &b_t.dims, &bq);
+            let bias = tensor_i32(&bqn, &b_t.dims, &bq);
             self.new_inits.push(bias);
             self.removed.insert(b_name.clone());
             inputs.push(bqn);
         }
         let yq = format!("{}.int8", p.output);
         let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-        let mut conv = node("QLinearConv", &yq, &refs, &yq, n.attribute.clone());
+        let mut conv = node("QLinearConv", &refs, &yq, n.attribute.clone());
         conv.name = n.name.clone();
         self.nodes.push(conv);
         if float_readers.contains(p.output.as_str()) {
             let name = format!("{}.dequantize", p.output);
-            self.nodes.push(node("DequantizeLinear", &name, &[&yq, &ys, &yz], &p.output, vec![]));
+            let dequantize = node("DequantizeLinear", &[&yq, &ys, &yz], &p.output, vec![]);
+            self.nodes.push(onnx::NodeProto { name: Some(name), ..dequantize });
         }
         self.int8.insert(p.output.clone(), (yq, ys, yz));
         self.layers.push(json!({
@@ -764,7 +716,8 @@ impl<'g> Rewrite<'g> {
         let w_name = &n.input[1];
         let Int8Weight { dims, w, wq, scales: ws, names: [wqn, wsn, wzn] } = self.int8_weight(w_name, op, true)?;
         let dq = format!("{w_name}.dequantize");
-        self.nodes.push(node("DequantizeLinear", &dq, &[&wqn, &wsn, &wzn], w_name, vec![axis0()]));
+        let dequantize = node("DequantizeLinear", &[&wqn, &wsn, &wzn], w_name, vec![attr_int("axis", 0)]);
+        self.nodes.push(onnx::NodeProto { name: Some(dq), ..dequantize });
         let groups = attr_i(n, "group").unwrap_or(1).max(1) as usize;
         let correction = match (self.options.input_means.get(&n.input[0]), n.input.get(2)) {
             (Some(mean), Some(b_name)) => expected_error(&w, &wq, &ws, &dims, groups, mean)
@@ -778,7 +731,7 @@ impl<'g> Rewrite<'g> {
             if b.len() == e.len() {
                 let corrected: Vec<f32> = b.iter().zip(&e).map(|(b, e)| (f64::from(*b) - e) as f32).collect();
                 let name = format!("{b_name}.corrected");
-                let bias = f32_tensor(&name, &b_t.dims, &corrected);
+                let bias = tensor_f32(&name, &b_t.dims, &corrected);
                 self.new_inits.push(bias);
                 n.input[2] = name;
                 self.removed.insert(b_name.clone());
@@ -904,7 +857,7 @@ mod tests {
 
     #[test]
     fn replaced_initializers_keep_their_size_and_must_exist() {
-        let mut g = onnx::GraphProto { initializer: vec![f32_tensor("b", &[2], &[1.0, 2.0])], ..Default::default() };
+        let mut g = onnx::GraphProto { initializer: vec![tensor_f32("b", &[2], &[1.0, 2.0])], ..Default::default() };
         replace_float_initializers(&mut g, &BTreeMap::from([("b".to_string(), vec![3.0, 4.0])])).unwrap();
         assert_eq!(float_values(&g.initializer[0]).unwrap(), vec![3.0, 4.0]);
         assert_eq!(g.initializer[0].dims, vec![2]);
