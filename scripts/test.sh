@@ -15,6 +15,10 @@ scripts/setup-data.sh
 scripts/install-test-deps.sh
 source scripts/env.sh
 cargo test --release --workspace --locked "$@"
+# The checked-in protobuf code is what its generator writes (pure Rust,
+# no protoc; its own lock file and workspace).
+cargo run --release --locked --manifest-path crates/model-format/proto-gen/Cargo.toml \
+  --target-dir target/proto-gen -- --check
 
 if [ "${TERN_SKIP_CROSS:-0}" != 1 ]; then
   float=models/imagenet-efficientnet-lite0.onnx

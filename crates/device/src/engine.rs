@@ -31,16 +31,7 @@ pub struct Output {
     pub probabilities: Vec<f32>,
 }
 
-/// One ranked class.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Ranked {
-    /// Label index.
-    pub index: usize,
-    /// Label text.
-    pub label: String,
-    /// Probability of this label.
-    pub probability: f32,
-}
+pub use tern_model_format::report::Ranked;
 
 /// The float type a plan computes in.
 ///

@@ -9,19 +9,8 @@ use tern_model_format::preprocess::open_image;
 
 use crate::Classifier;
 
-/// The result for one image.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct ImageResult {
-    /// The file.
-    pub path: PathBuf,
-    /// True label index.
-    pub label: usize,
-    /// Predicted label index (top-1).
-    pub predicted: usize,
-    /// Probability of each label, as ranked on the device (for a one-unit
-    /// sigmoid bundle: `[1 − p, p]`).
-    pub probabilities: Vec<f32>,
-}
+/// The result for one image (the line `eval --json` prints).
+pub use tern_model_format::report::Prediction as ImageResult;
 
 /// Checks that the data set's classes are the bundle's labels, in order.
 pub fn check_labels(clf: &Classifier, classes: &[String]) -> Result<()> {

@@ -24,72 +24,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Percentiles and mean of a set of durations.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
-pub struct LatencyStats {
-    /// How many samples.
-    pub n: usize,
-    /// Mean, ms.
-    pub mean_ms: f64,
-    /// Fastest, ms.
-    pub min_ms: f64,
-    /// Median, ms.
-    pub p50_ms: f64,
-    /// 90th percentile, ms.
-    pub p90_ms: f64,
-    /// 99th percentile, ms.
-    pub p99_ms: f64,
-    /// Slowest, ms.
-    pub max_ms: f64,
-}
-
-impl LatencyStats {
-    /// Statistics of `samples` (nearest-rank percentiles). `None` when empty.
-    pub fn of(samples: &[Duration]) -> Option<LatencyStats> {
-        if samples.is_empty() {
-            return None;
-        }
-        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-        ms.sort_by(f64::total_cmp);
-        let rank = |p: f64| ms[((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1];
-        Some(LatencyStats {
-            n: ms.len(),
-            mean_ms: ms.iter().sum::<f64>() / ms.len() as f64,
-            min_ms: ms[0],
-            p50_ms: rank(0.50),
-            p90_ms: rank(0.90),
-            p99_ms: rank(0.99),
-            max_ms: ms[ms.len() - 1],
-        })
-    }
-}
-
-/// Time spent in one node of the optimised plan.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct NodeTime {
-    /// Node name in the optimised graph (derived from the ONNX node names).
-    pub name: String,
-    /// tract operator, e.g. `Conv`, `DepthWise`, `OptMatMul`.
-    pub op: String,
-    /// Mean time per run, ms.
-    pub mean_ms: f64,
-}
-
-/// A per-node profile of a plan.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Profile {
-    /// Sum of the node times, ms per run.
-    pub total_ms: f64,
-    /// Every node that ran, slowest first.
-    pub nodes: Vec<NodeTime>,
-    /// Time per operator kind, ms per run, slowest first: (op, count, ms).
-    pub by_op: Vec<(String, usize, f64)>,
-    /// Time per layer kind of the ONNX graph ([`LayerKind`]), ms per run,
-    /// slowest first: (kind, nodes, ms). Every node counts towards the
-    /// layer its name starts with: packing, fused activations and separate
-    /// clips included.
-    pub by_kind: Vec<(String, usize, f64)>,
-}
+pub use tern_model_format::report::{LatencyStats, NodeTime, Profile};
 
 /// What a layer of the ONNX graph is, for comparing runtimes per kind of
 /// work (their fused node names differ, the layer prefixes do not).

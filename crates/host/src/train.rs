@@ -183,18 +183,9 @@ pub struct EpochStats {
     pub seconds: f64,
 }
 
-/// One validation image's result.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct Prediction {
-    /// The file.
-    pub path: PathBuf,
-    /// True label index.
-    pub label: usize,
-    /// Predicted label index.
-    pub predicted: usize,
-    /// Probability of each label (for a one-unit sigmoid: `[1 − p, p]`).
-    pub probabilities: Vec<f32>,
-}
+/// One validation image's result (the same type as a line of
+/// `tern-device eval --json`).
+pub use tern_model_format::report::Prediction;
 
 /// Seconds spent in each stage.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -339,6 +330,48 @@ pub struct Trained {
 pub fn train(o: &TrainOptions) -> Result<Trained> {
     let start = Instant::now();
     let mut timings = Timings::default();
+    let (ds, extra) = scan(o)?;
+    let mut t = Trained::untrained(o, &ds, extra)?;
+    print_counts(&t.report);
+
+    // Phase 1: the head on the frozen backbone.
+    let t0 = Instant::now();
+    let features = t.encode_features(o, &ds)?;
+    timings.features = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "features: {} from the cache, {} computed, {:.1} s",
+        t.report.cache.hits, t.report.cache.computed, timings.features
+    );
+
+    let t1 = Instant::now();
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    let mut best = t.train_head(o, &features, &mut rng)?;
+    timings.head = t1.elapsed().as_secs_f64();
+    eprintln!(
+        "head: best epoch {} with validation accuracy {:.2}% ({:.1} s)",
+        best.epoch,
+        t.report.head_metrics.accuracy * 100.0,
+        timings.head
+    );
+
+    // Phase 2: fine-tune the last blocks with the head.
+    if o.fine_tune_blocks > 0 && o.fine_tune_epochs > 0 {
+        let t2 = Instant::now();
+        t.fine_tune(o, &features.train_items, &features.val.items, &mut best, &mut rng)?;
+        timings.fine_tune = t2.elapsed().as_secs_f64();
+    }
+
+    let t3 = Instant::now();
+    t.final_metrics(o, &features.val)?;
+    timings.evaluation = t3.elapsed().as_secs_f64();
+    timings.total = start.elapsed().as_secs_f64();
+    t.report.timings = timings;
+    Ok(t)
+}
+
+/// The ImageFolder of `o`, split and limited; an error without validation
+/// images.
+fn scan(o: &TrainOptions) -> Result<(dataset::Dataset, Option<ExtraReport>)> {
     let (ds, extra) = o.dataset()?;
     if let Some(r) = &extra {
         eprintln!(
@@ -353,181 +386,26 @@ pub fn train(o: &TrainOptions) -> Result<Trained> {
     if ds.val.is_empty() {
         bail!("{}: no validation images: give a val/ folder or a --val-fraction above 0", o.data.display());
     }
-    let classes = ds.classes.clone();
-    let outputs_kind = match (o.output, classes.len()) {
-        (OutputChoice::Softmax, _) => (classes.len(), OutputKind::Softmax),
+    Ok((ds, extra))
+}
+
+/// How many output units and which activation for `classes` classes.
+fn output_units(choice: OutputChoice, classes: usize) -> (usize, OutputKind) {
+    match (choice, classes) {
+        (OutputChoice::Softmax, _) => (classes, OutputKind::Softmax),
         (OutputChoice::Sigmoid, 2) | (OutputChoice::Auto, 2) => (1, OutputKind::Sigmoid),
         (OutputChoice::Sigmoid, n) => (n, OutputKind::Sigmoid),
         (OutputChoice::Auto, n) => (n, OutputKind::Softmax),
-    };
-    let (outputs, kind) = outputs_kind;
-
-    tch::manual_seed(o.seed as i64);
-    let full_spec = o.backbone.spec();
-    let spec = full_spec.drop_blocks(o.drop_blocks)?;
-    let pre = o.backbone.preprocessing();
-    let mut backbone_vs = nn::VarStore::new(o.device);
-    let backbone = Backbone::new(&backbone_vs.root(), &spec);
-    let (weights_sha256, weights_source) = match &o.weights {
-        Some(w) => {
-            let file = SafeTensorsFile::open(w).with_context(|| format!("cannot read weights {}", w.display()))?;
-            backbone_vs
-                .load(w)
-                .with_context(|| format!("cannot load {} weights from {}", o.backbone.name(), w.display()))?;
-            (file.sha256().to_string(), crate::pretrained::weights_source(w))
-        }
-        None => ("none".to_string(), format!("random initialisation (tch defaults, seed {})", o.seed)),
-    };
-    backbone_vs.freeze();
-    let head_vs = nn::VarStore::new(o.device);
-    let head = Head::new(&head_vs.root(), spec.feature_width(), &o.hidden, outputs, o.dropout);
-    let head_spec = HeadSpec::trainable(spec.feature_width(), &o.hidden, outputs, kind);
-
-    let mut t = Trained {
-        spec,
-        backbone,
-        head,
-        backbone_vs,
-        head_vs,
-        head_spec,
-        classes: classes.clone(),
-        pre,
-        weights_sha256,
-        weights_source,
-        device: o.device,
-        report: TrainReport {
-            options: o.clone(),
-            train_counts: ds.counts(&ds.train),
-            val_counts: ds.counts(&ds.val),
-            presplit: ds.presplit,
-            classes,
-            skipped: vec![],
-            extra,
-            history: vec![],
-            best_epoch: 0,
-            head_metrics: Metrics::new(&[], &[], &[]),
-            metrics: Metrics::new(&[], &[], &[]),
-            cache: CacheStats::default(),
-            timings: Timings::default(),
-            predictions: vec![],
-        },
-    };
-    print_counts(&t.report);
-
-    // Phase 1: the head on the frozen backbone.
-    let t0 = Instant::now();
-    let head_augment = o.augment == AugmentChoice::On;
-    let cache = o.cache_dir.as_ref().map(|d| FeatureCache::new(d, &t.cache_key()));
-    let width = t.spec.feature_width();
-    let (train_enc, val_enc) = {
-        let bb = &t.backbone;
-        let net = |x: &Tensor| bb.features(x);
-        let train_enc = if head_augment {
-            None
-        } else {
-            Some(data::encode(
-                &ds.train,
-                &pre,
-                &net,
-                Some(width),
-                cache.as_ref(),
-                o.device,
-                o.feature_batch,
-                "features train",
-            )?)
-        };
-        let val_enc =
-            data::encode(&ds.val, &pre, &net, Some(width), cache.as_ref(), o.device, o.feature_batch, "features val")?;
-        (train_enc, val_enc)
-    };
-    let train_items: Vec<Item> = match &train_enc {
-        Some(e) => e.items.clone(),
-        None => readable(&ds.train, &mut t.report.skipped),
-    };
-    for e in train_enc.iter().chain([&val_enc]) {
-        t.report.skipped.extend(e.skipped.iter().cloned());
-        t.report.cache.hits += e.stats.hits;
-        t.report.cache.computed += e.stats.computed;
     }
-    for s in &t.report.skipped {
-        eprintln!("skipped {}: {}", s.path.display(), s.reason);
-    }
-    check_classes(&t.classes, &train_items, "training")?;
-    check_classes(&t.classes, &val_enc.items, "validation")?;
-    if let Some(enc) = &train_enc {
-        t.head.fit_standardisation(&enc.values);
-    }
-    timings.features = t0.elapsed().as_secs_f64();
-    eprintln!(
-        "features: {} from the cache, {} computed, {:.1} s",
-        t.report.cache.hits, t.report.cache.computed, timings.features
-    );
+}
 
-    let t1 = Instant::now();
-    let mut rng = StdRng::seed_from_u64(o.seed);
-    let val_y = labels_tensor(&val_enc.items);
-    let mut best = Best::default();
-    let mut opt = nn::AdamW { wd: o.weight_decay, ..Default::default() }.build(&t.head_vs, o.lr)?;
-    let bar = progress(o.epochs as u64, "head epochs");
-    for epoch in 1..=o.epochs {
-        let e0 = Instant::now();
-        let (train_loss, train_acc) = match &train_enc {
-            Some(enc) => {
-                t.epoch(Batches::Cached(enc), &|x| t.head.forward(x, true), &mut [&mut opt], o.batch_size, &mut rng)?
-            }
-            None => {
-                let net = |x: &Tensor| t.head.forward(&tch::no_grad(|| t.backbone.features(x)), true);
-                t.epoch(Batches::Images(&train_items), &net, &mut [&mut opt], o.batch_size, &mut rng)?
-            }
-        };
-        let (val_loss, val_acc) = t.score(&t.head.forward(&val_enc.values.to_device(o.device), false), &val_y)?;
-        let stats = EpochStats::new("head", epoch, (train_loss, train_acc), (val_loss, val_acc), e0);
-        record(&bar, &mut t.report.history, stats);
-        if best.improves(val_acc, val_loss) {
-            best.keep(epoch, val_acc, val_loss, &[&t.head_vs]);
-        } else if o.patience > 0 && epoch - best.epoch >= o.patience {
-            bar.println(format!("early stop: no better validation result for {} epochs", o.patience));
-            break;
-        }
-    }
-    bar.finish_and_clear();
-    best.restore(&[&t.head_vs])?;
-    t.report.best_epoch = best.epoch;
-    let head_logits = t.head.forward(&val_enc.values.to_device(o.device), false);
-    t.report.head_metrics = Metrics::new(&t.classes, &labels(&val_enc.items), &t.predict(&head_logits)?.0);
-    timings.head = t1.elapsed().as_secs_f64();
-    eprintln!(
-        "head: best epoch {} with validation accuracy {:.2}% ({:.1} s)",
-        best.epoch,
-        t.report.head_metrics.accuracy * 100.0,
-        timings.head
-    );
-
-    // Phase 2: fine-tune the last blocks with the head.
-    if o.fine_tune_blocks > 0 && o.fine_tune_epochs > 0 {
-        let t2 = Instant::now();
-        t.fine_tune(o, &train_items, &val_enc.items, &mut best, &mut rng)?;
-        timings.fine_tune = t2.elapsed().as_secs_f64();
-    }
-
-    let t3 = Instant::now();
-    // A backbone that stayed frozen gives the cached features again: only
-    // the head needs to run.
-    let fine_tuned = t.report.history.iter().any(|e| e.phase == "fine-tune" && e.epoch == t.report.best_epoch);
-    let predictions = if fine_tuned {
-        t.evaluate(&val_enc.items, o.feature_batch)?
-    } else {
-        let logits = tch::no_grad(|| t.head.forward(&val_enc.values.to_device(o.device), false));
-        t.predictions(&val_enc.items, &logits)?
-    };
-    let truth: Vec<usize> = predictions.iter().map(|p| p.label).collect();
-    let predicted: Vec<usize> = predictions.iter().map(|p| p.predicted).collect();
-    t.report.metrics = Metrics::new(&t.classes, &truth, &predicted);
-    t.report.predictions = predictions;
-    timings.evaluation = t3.elapsed().as_secs_f64();
-    timings.total = start.elapsed().as_secs_f64();
-    t.report.timings = timings;
-    Ok(t)
+/// The inputs of the head for phase 1: features of the training images
+/// (`None` with augmentation: they are computed anew every batch), of the
+/// validation images, and the readable training images.
+struct Features {
+    train: Option<Encoded>,
+    val: Encoded,
+    train_items: Vec<Item>,
 }
 
 /// The samples whose files can be read and decoded.
@@ -648,6 +526,179 @@ impl Best {
 }
 
 impl Trained {
+    /// The backbone (pretrained weights loaded, frozen) and a new head for
+    /// the classes of `ds`, with an empty report.
+    fn untrained(o: &TrainOptions, ds: &dataset::Dataset, extra: Option<ExtraReport>) -> Result<Trained> {
+        let classes = ds.classes.clone();
+        let (outputs, kind) = output_units(o.output, classes.len());
+
+        tch::manual_seed(o.seed as i64);
+        let full_spec = o.backbone.spec();
+        let spec = full_spec.drop_blocks(o.drop_blocks)?;
+        let pre = o.backbone.preprocessing();
+        let mut backbone_vs = nn::VarStore::new(o.device);
+        let backbone = Backbone::new(&backbone_vs.root(), &spec);
+        let (weights_sha256, weights_source) = match &o.weights {
+            Some(w) => {
+                let file = SafeTensorsFile::open(w).with_context(|| format!("cannot read weights {}", w.display()))?;
+                backbone_vs
+                    .load(w)
+                    .with_context(|| format!("cannot load {} weights from {}", o.backbone.name(), w.display()))?;
+                (file.sha256().to_string(), crate::pretrained::weights_source(w))
+            }
+            None => ("none".to_string(), format!("random initialisation (tch defaults, seed {})", o.seed)),
+        };
+        backbone_vs.freeze();
+        let head_vs = nn::VarStore::new(o.device);
+        let head = Head::new(&head_vs.root(), spec.feature_width(), &o.hidden, outputs, o.dropout);
+        let head_spec = HeadSpec::trainable(spec.feature_width(), &o.hidden, outputs, kind);
+
+        Ok(Trained {
+            spec,
+            backbone,
+            head,
+            backbone_vs,
+            head_vs,
+            head_spec,
+            classes: classes.clone(),
+            pre,
+            weights_sha256,
+            weights_source,
+            device: o.device,
+            report: TrainReport {
+                options: o.clone(),
+                train_counts: ds.counts(&ds.train),
+                val_counts: ds.counts(&ds.val),
+                presplit: ds.presplit,
+                classes,
+                skipped: vec![],
+                extra,
+                history: vec![],
+                best_epoch: 0,
+                head_metrics: Metrics::new(&[], &[], &[]),
+                metrics: Metrics::new(&[], &[], &[]),
+                cache: CacheStats::default(),
+                timings: Timings::default(),
+                predictions: vec![],
+            },
+        })
+    }
+
+    /// The frozen backbone's features of the images of `ds` (through the
+    /// cache when `o` names one), the skipped files recorded and listed, the
+    /// classes checked, the head's standardisation fitted.
+    fn encode_features(&mut self, o: &TrainOptions, ds: &dataset::Dataset) -> Result<Features> {
+        let pre = self.pre;
+        let head_augment = o.augment == AugmentChoice::On;
+        let cache = o.cache_dir.as_ref().map(|d| FeatureCache::new(d, &self.cache_key()));
+        let width = self.spec.feature_width();
+        let (train_enc, val_enc) = {
+            let bb = &self.backbone;
+            let net = |x: &Tensor| bb.features(x);
+            let train_enc = if head_augment {
+                None
+            } else {
+                Some(data::encode(
+                    &ds.train,
+                    &pre,
+                    &net,
+                    Some(width),
+                    cache.as_ref(),
+                    o.device,
+                    o.feature_batch,
+                    "features train",
+                )?)
+            };
+            let val_enc = data::encode(
+                &ds.val,
+                &pre,
+                &net,
+                Some(width),
+                cache.as_ref(),
+                o.device,
+                o.feature_batch,
+                "features val",
+            )?;
+            (train_enc, val_enc)
+        };
+        let train_items: Vec<Item> = match &train_enc {
+            Some(e) => e.items.clone(),
+            None => readable(&ds.train, &mut self.report.skipped),
+        };
+        for e in train_enc.iter().chain([&val_enc]) {
+            self.report.skipped.extend(e.skipped.iter().cloned());
+            self.report.cache.hits += e.stats.hits;
+            self.report.cache.computed += e.stats.computed;
+        }
+        for s in &self.report.skipped {
+            eprintln!("skipped {}: {}", s.path.display(), s.reason);
+        }
+        check_classes(&self.classes, &train_items, "training")?;
+        check_classes(&self.classes, &val_enc.items, "validation")?;
+        if let Some(enc) = &train_enc {
+            self.head.fit_standardisation(&enc.values);
+        }
+        Ok(Features { train: train_enc, val: val_enc, train_items })
+    }
+
+    /// Phase 1: AdamW on the head for up to `o.epochs` epochs (early stop
+    /// after `o.patience` without a better validation result), the best
+    /// epoch's weights restored and its metrics recorded. Returns the best.
+    fn train_head(&mut self, o: &TrainOptions, f: &Features, rng: &mut StdRng) -> Result<Best> {
+        let val_y = labels_tensor(&f.val.items);
+        let mut best = Best::default();
+        let mut opt = nn::AdamW { wd: o.weight_decay, ..Default::default() }.build(&self.head_vs, o.lr)?;
+        let bar = progress(o.epochs as u64, "head epochs");
+        for epoch in 1..=o.epochs {
+            let e0 = Instant::now();
+            let (train_loss, train_acc) = match &f.train {
+                Some(enc) => {
+                    let net = |x: &Tensor| self.head.forward(x, true);
+                    self.epoch(Batches::Cached(enc), &net, &mut [&mut opt], o.batch_size, rng)?
+                }
+                None => {
+                    let net = |x: &Tensor| self.head.forward(&tch::no_grad(|| self.backbone.features(x)), true);
+                    self.epoch(Batches::Images(&f.train_items), &net, &mut [&mut opt], o.batch_size, rng)?
+                }
+            };
+            let (val_loss, val_acc) = self.score(&self.head.forward(&f.val.values.to_device(o.device), false), &val_y)?;
+            let stats = EpochStats::new("head", epoch, (train_loss, train_acc), (val_loss, val_acc), e0);
+            record(&bar, &mut self.report.history, stats);
+            if best.improves(val_acc, val_loss) {
+                best.keep(epoch, val_acc, val_loss, &[&self.head_vs]);
+            } else if o.patience > 0 && epoch - best.epoch >= o.patience {
+                bar.println(format!("early stop: no better validation result for {} epochs", o.patience));
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        best.restore(&[&self.head_vs])?;
+        self.report.best_epoch = best.epoch;
+        let head_logits = self.head.forward(&f.val.values.to_device(o.device), false);
+        self.report.head_metrics = Metrics::new(&self.classes, &labels(&f.val.items), &self.predict(&head_logits)?.0);
+        Ok(best)
+    }
+
+    /// The final predictions on the validation images and their metrics,
+    /// into the report.
+    fn final_metrics(&mut self, o: &TrainOptions, val: &Encoded) -> Result<()> {
+        // A backbone that stayed frozen gives the cached features again: only
+        // the head needs to run.
+        let fine_tuned =
+            self.report.history.iter().any(|e| e.phase == "fine-tune" && e.epoch == self.report.best_epoch);
+        let predictions = if fine_tuned {
+            self.evaluate(&val.items, o.feature_batch)?
+        } else {
+            let logits = tch::no_grad(|| self.head.forward(&val.values.to_device(o.device), false));
+            self.predictions(&val.items, &logits)?
+        };
+        let truth: Vec<usize> = predictions.iter().map(|p| p.label).collect();
+        let predicted: Vec<usize> = predictions.iter().map(|p| p.predicted).collect();
+        self.report.metrics = Metrics::new(&self.classes, &truth, &predicted);
+        self.report.predictions = predictions;
+        Ok(())
+    }
+
     /// The cache key of the frozen feature extractor.
     fn cache_key(&self) -> String {
         format!(

@@ -9,6 +9,7 @@ use crate::arch::{Backbone, BackboneSpec, ConvBn, BN_SUFFIXES};
 use crate::error::FormatError;
 use crate::manifest::{ArchitectureInfo, Io, Manifest, OutputKind, Precision, Preprocessing, Provenance, FORMAT_VERSION};
 use crate::onnx;
+use crate::onnx_build::{attr_int, attr_ints, node, tensor_f32, value_info_f32};
 use crate::weights::{SafeTensorsFile, TensorData, TensorSource};
 
 /// ONNX opset written.
@@ -169,8 +170,11 @@ pub fn build_graph(
         name: Some(format!("tern-{}", spec.backbone.name())),
         node: g.nodes,
         initializer: g.initializers,
-        input: vec![value_info(&io.input, &[n, c, ih, iw])],
-        output: vec![value_info(&io.logits, &[1, width]), value_info(&io.probabilities, &[1, width])],
+        input: vec![value_info_f32(&io.input, &[n, c, ih, iw].map(|d| d as i64))],
+        output: vec![
+            value_info_f32(&io.logits, &[1, width as i64]),
+            value_info_f32(&io.probabilities, &[1, width as i64]),
+        ],
         ..Default::default()
     })
 }
@@ -227,14 +231,7 @@ struct Builder {
 
 impl Builder {
     fn node(&mut self, op: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeProto>) {
-        self.nodes.push(onnx::NodeProto {
-            name: Some(output.to_owned()),
-            op_type: Some(op.to_owned()),
-            input: inputs.iter().map(|s| (*s).to_owned()).collect(),
-            output: vec![output.to_owned()],
-            attribute,
-            ..Default::default()
-        });
+        self.nodes.push(node(op, inputs, output, attribute));
     }
 
     /// Conv (+ folded BN) (+ ReLU6); updates the spatial size.
@@ -312,56 +309,12 @@ pub fn fold_conv_bn(
 }
 
 fn tensor(name: &str, t: &TensorData) -> onnx::TensorProto {
-    onnx::TensorProto {
-        name: Some(name.to_owned()),
-        dims: t.shape.iter().map(|&d| d as i64).collect(),
-        data_type: Some(onnx::tensor_proto::DataType::Float as i32),
-        raw_data: Some(t.data.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ..Default::default()
-    }
+    let dims: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    tensor_f32(name, &dims, &t.data)
 }
 
 fn scalar(name: &str, v: f32) -> onnx::TensorProto {
-    tensor(name, &TensorData { shape: vec![], data: vec![v] })
-}
-
-fn attr_int(name: &str, v: i64) -> onnx::AttributeProto {
-    onnx::AttributeProto {
-        name: Some(name.to_owned()),
-        r#type: Some(onnx::attribute_proto::AttributeType::Int as i32),
-        i: Some(v),
-        ..Default::default()
-    }
-}
-
-fn attr_ints(name: &str, v: &[i64]) -> onnx::AttributeProto {
-    onnx::AttributeProto {
-        name: Some(name.to_owned()),
-        r#type: Some(onnx::attribute_proto::AttributeType::Ints as i32),
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn value_info(name: &str, shape: &[usize]) -> onnx::ValueInfoProto {
-    use onnx::tensor_shape_proto::{dimension::Value, Dimension};
-    use onnx::type_proto::{Tensor, Value as TypeValue};
-    onnx::ValueInfoProto {
-        name: Some(name.to_owned()),
-        r#type: Some(onnx::TypeProto {
-            value: Some(TypeValue::TensorType(Tensor {
-                elem_type: Some(onnx::tensor_proto::DataType::Float as i32),
-                shape: Some(onnx::TensorShapeProto {
-                    dim: shape
-                        .iter()
-                        .map(|&d| Dimension { value: Some(Value::DimValue(d as i64)), ..Default::default() })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    tensor_f32(name, &[], &[v])
 }
 
 #[cfg(test)]

@@ -37,6 +37,8 @@
 //! - [`validate`]: the checks a graph passes before a runtime sees it
 //!   (operators, attributes, initializer sizes, a memory budget).
 //! - [`signature`]: ed25519 key files, signing and verifying bundles.
+//! - [`report`]: the JSON lines `tern-device` prints with `--json`, read
+//!   back by the host.
 #![deny(missing_docs)]
 
 pub mod arch;
@@ -48,9 +50,11 @@ pub mod files;
 pub mod manifest;
 #[allow(missing_docs, clippy::all)]
 pub mod onnx;
+pub mod onnx_build;
 #[cfg(feature = "preprocess")]
 pub mod preprocess;
 pub mod quantize;
+pub mod report;
 pub mod validate;
 pub mod signature;
 pub mod weights;

@@ -30,6 +30,7 @@ use serde_json::json;
 
 use crate::error::FormatError;
 use crate::onnx::{self, tensor_proto::DataType};
+use crate::onnx_build::{attr_int, named_node, node, tensor_f32, tensor_i32, tensor_i8};
 
 /// Which graph to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -499,59 +500,9 @@ pub fn replace_float_initializers(
                 detail: format!("{} values for dims {:?}", v.len(), t.dims),
             });
         }
-        *t = f32_tensor(name, &t.dims, v);
+        *t = tensor_f32(name, &t.dims, v);
     }
     Ok(())
-}
-
-fn i8_tensor(name: &str, dims: &[i64], v: &[i8]) -> onnx::TensorProto {
-    onnx::TensorProto {
-        name: Some(name.to_owned()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Int8 as i32),
-        raw_data: Some(v.iter().map(|&x| x as u8).collect()),
-        ..Default::default()
-    }
-}
-
-fn f32_tensor(name: &str, dims: &[i64], v: &[f32]) -> onnx::TensorProto {
-    onnx::TensorProto {
-        name: Some(name.to_owned()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Float as i32),
-        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        ..Default::default()
-    }
-}
-
-fn i32_tensor(name: &str, dims: &[i64], v: &[i32]) -> onnx::TensorProto {
-    onnx::TensorProto {
-        name: Some(name.to_owned()),
-        dims: dims.to_vec(),
-        data_type: Some(DataType::Int32 as i32),
-        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        ..Default::default()
-    }
-}
-
-fn node(op: &str, name: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeProto>) -> onnx::NodeProto {
-    onnx::NodeProto {
-        name: Some(name.to_owned()),
-        op_type: Some(op.to_owned()),
-        input: inputs.iter().map(|s| (*s).to_owned()).collect(),
-        output: vec![output.to_owned()],
-        attribute,
-        ..Default::default()
-    }
-}
-
-fn axis0() -> onnx::AttributeProto {
-    onnx::AttributeProto {
-        name: Some("axis".into()),
-        r#type: Some(onnx::attribute_proto::AttributeType::Int as i32),
-        i: Some(0),
-        ..Default::default()
-    }
 }
 
 /// The quantized graph, and the record for the manifest's `quantization`
@@ -570,17 +521,32 @@ pub fn quantize_graph(
     let plans = plan_convs(graph, options)?;
     let by_node: HashMap<usize, &ConvPlan> = plans.iter().map(|p| (p.node, p)).collect();
     let folded_clips: HashSet<usize> = plans.iter().filter_map(|p| p.clip).collect();
-    let inits: HashMap<String, onnx::TensorProto> =
-        graph.initializer.iter().map(|t| (t.name.clone().unwrap_or_default(), t.clone())).collect();
-    let range = |name: &str| {
-        ranges.get(name).copied().ok_or_else(|| FormatError::Invalid {
-            what: "calibration".into(),
-            detail: format!("no range for tensor `{name}`"),
-        })
-    };
+    let float_readers = float_readers(graph, &plans, &folded_clips);
+    let mut rw = Rewrite::new(graph, ranges, options);
+    for (i, n) in graph.node.iter().enumerate() {
+        if folded_clips.contains(&i) {
+            continue;
+        }
+        let op = n.op_type.as_deref().unwrap_or_default();
+        let plan = by_node.get(&i).copied();
+        match (op, plan) {
+            ("Conv", Some(p)) if p.quantized => rw.qlinear_conv(n, p, &float_readers)?,
+            ("Conv" | "Gemm", _) if rw.requested_float(n) => rw.keep_float(n, op),
+            ("Conv" | "Gemm", _) => rw.int8_weights_float_compute(n, op, plan)?,
+            _ => rw.nodes.push(n.clone()),
+        }
+    }
+    Ok(rw.finish(graph))
+}
 
-    // Which float tensors are still read by float nodes (or are outputs)
-    // once the quantized convolutions read int8 versions.
+/// The float tensors still read by float nodes (or that are graph outputs)
+/// once the quantized convolutions of `plans` read int8 versions: each
+/// needs a DequantizeLinear after its producer.
+fn float_readers<'g>(
+    graph: &'g onnx::GraphProto,
+    plans: &[ConvPlan],
+    folded_clips: &HashSet<usize>,
+) -> HashSet<&'g str> {
     let quantized_inputs: HashSet<(usize, usize)> = plans.iter().filter(|p| p.quantized).map(|p| (p.node, 0)).collect();
     let mut float_readers: HashSet<&str> = graph.output.iter().filter_map(|o| o.name.as_deref()).collect();
     for (i, n) in graph.node.iter().enumerate() {
@@ -593,178 +559,245 @@ pub fn quantize_graph(
             }
         }
     }
+    float_readers
+}
 
-    let mut nodes = Vec::new();
-    let mut new_inits: Vec<onnx::TensorProto> = Vec::new();
-    let mut removed: HashSet<String> = HashSet::new();
-    // float tensor name → (int8 tensor, scale name, zero point name)
-    let mut int8: HashMap<String, (String, String, String)> = HashMap::new();
-    let mut tensors = serde_json::Map::new();
-    let mut layers = Vec::new();
-    let mut float_layers = Vec::new();
-    let mut qparam = |name: &str, new_inits: &mut Vec<onnx::TensorProto>| -> Result<(String, String), FormatError> {
-        let r = range(name)?;
+/// An int8 weight written by [`Rewrite::int8_weight`]: its shape and float
+/// values, the int8 values and scales, and the names of the three
+/// initializers.
+struct Int8Weight {
+    dims: Vec<i64>,
+    w: Vec<f32>,
+    wq: Vec<i8>,
+    scales: Vec<f32>,
+    names: [String; 3],
+}
+
+/// The graph being rewritten by [`quantize_graph`], node by node, and the
+/// record of what was done.
+struct Rewrite<'g> {
+    options: &'g Options,
+    ranges: &'g BTreeMap<String, Range>,
+    inits: HashMap<String, onnx::TensorProto>,
+    nodes: Vec<onnx::NodeProto>,
+    new_inits: Vec<onnx::TensorProto>,
+    /// Initializers replaced by quantized (or corrected) ones.
+    removed: HashSet<String>,
+    /// float tensor name → (int8 tensor, scale name, zero point name)
+    int8: HashMap<String, (String, String, String)>,
+    tensors: serde_json::Map<String, serde_json::Value>,
+    layers: Vec<serde_json::Value>,
+    float_layers: Vec<serde_json::Value>,
+}
+
+impl<'g> Rewrite<'g> {
+    fn new(graph: &onnx::GraphProto, ranges: &'g BTreeMap<String, Range>, options: &'g Options) -> Rewrite<'g> {
+        Rewrite {
+            options,
+            ranges,
+            inits: graph.initializer.iter().map(|t| (t.name.clone().unwrap_or_default(), t.clone())).collect(),
+            nodes: Vec::new(),
+            new_inits: Vec::new(),
+            removed: HashSet::new(),
+            int8: HashMap::new(),
+            tensors: serde_json::Map::new(),
+            layers: Vec::new(),
+            float_layers: Vec::new(),
+        }
+    }
+
+    fn range(&self, name: &str) -> Result<Range, FormatError> {
+        self.ranges.get(name).copied().ok_or_else(|| FormatError::Invalid {
+            what: "calibration".into(),
+            detail: format!("no range for tensor `{name}`"),
+        })
+    }
+
+    fn init(&self, name: &str, what: &str) -> Result<&onnx::TensorProto, FormatError> {
+        self.inits.get(name).ok_or_else(|| FormatError::Invalid {
+            what: "graph".into(),
+            detail: format!("{what} `{name}` is not an initializer"),
+        })
+    }
+
+    /// Scale and zero point of activation `name` from its range, as
+    /// initializers; returns their names.
+    fn qparam(&mut self, name: &str) -> Result<(String, String), FormatError> {
+        let r = self.range(name)?;
         let q = QParams::asymmetric(r);
         let (s, z) = (format!("{name}.scale"), format!("{name}.zero_point"));
-        new_inits.push(f32_tensor(&s, &[], &[q.scale]));
-        new_inits.push(i8_tensor(&z, &[], &[q.zero_point]));
-        tensors
+        self.new_inits.push(tensor_f32(&s, &[], &[q.scale]));
+        self.new_inits.push(tensor_i8(&z, &[], &[q.zero_point]));
+        self.tensors
             .insert(name.to_owned(), json!({"scale": q.scale, "zero_point": q.zero_point, "min": r.min, "max": r.max}));
         Ok((s, z))
-    };
+    }
 
-    for (i, n) in graph.node.iter().enumerate() {
-        if folded_clips.contains(&i) {
-            continue;
-        }
-        let op = n.op_type.as_deref().unwrap_or_default();
-        let plan = by_node.get(&i);
-        match (op, plan) {
-            ("Conv", Some(p)) if p.quantized => {
-                let x = &n.input[0];
-                if !int8.contains_key(x) {
-                    let (s, z) = qparam(x, &mut new_inits)?;
-                    let q = format!("{x}.int8");
-                    nodes.push(node("QuantizeLinear", &q, &[x, &s, &z], &q, vec![]));
-                    int8.insert(x.clone(), (q, s, z));
-                }
-                let (xq, xs, xz) = int8[x].clone();
-                let w_name = &n.input[1];
-                let w_t = inits.get(w_name).ok_or_else(|| FormatError::Invalid {
-                    what: "graph".into(),
-                    detail: format!("Conv weight `{w_name}` is not an initializer"),
-                })?;
-                let w = float_values(w_t)?;
-                let cout = *w_t.dims.first().unwrap_or(&1) as usize;
-                let (wq, ws) = quantize_weights(&w, cout, options.per_channel);
-                let sdims: Vec<i64> = if options.per_channel { vec![cout as i64] } else { vec![] };
-                let (wqn, wsn, wzn) =
-                    (format!("{w_name}.int8"), format!("{w_name}.scale"), format!("{w_name}.zero_point"));
-                new_inits.push(i8_tensor(&wqn, &w_t.dims, &wq));
-                new_inits.push(f32_tensor(&wsn, &sdims, &ws));
-                new_inits.push(i8_tensor(&wzn, &sdims, &vec![0; ws.len()]));
-                removed.insert(w_name.clone());
-                let x_scale = QParams::asymmetric(range(x)?).scale;
-                let mut inputs: Vec<String> = vec![xq, xs, xz, wqn, wsn, wzn];
-                let (ys, yz) = qparam(&p.output, &mut new_inits)?;
-                inputs.push(ys.clone());
-                inputs.push(yz.clone());
-                if let Some(b_name) = n.input.get(2) {
-                    let b_t = inits.get(b_name).ok_or_else(|| FormatError::Invalid {
-                        what: "graph".into(),
-                        detail: format!("Conv bias `{b_name}` is not an initializer"),
-                    })?;
-                    let b = float_values(b_t)?;
-                    let bq: Vec<i32> = b
-                        .iter()
-                        .enumerate()
-                        .map(|(c, v)| {
-                            let s = x_scale * if options.per_channel { ws[c] } else { ws[0] };
-                            (f64::from(*v) / f64::from(s)).round().clamp(i32::MIN as f64, i32::MAX as f64) as i32
-                        })
-                        .collect();
-                    let bqn = format!("{b_name}.int32");
-                    new_inits.push(i32_tensor(&bqn, &b_t.dims, &bq));
-                    removed.insert(b_name.clone());
-                    inputs.push(bqn);
-                }
-                let yq = format!("{}.int8", p.output);
-                let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
-                let mut conv = node("QLinearConv", &yq, &refs, &yq, n.attribute.clone());
-                conv.name = n.name.clone();
-                nodes.push(conv);
-                if float_readers.contains(p.output.as_str()) {
-                    let name = format!("{}.dequantize", p.output);
-                    nodes.push(node("DequantizeLinear", &name, &[&yq, &ys, &yz], &p.output, vec![]));
-                }
-                int8.insert(p.output.clone(), (yq, ys, yz));
-                layers.push(json!({
-                    "layer": p.layer,
-                    "op": "QLinearConv",
-                    "relu6_folded": p.clip.is_some(),
-                    "weight_scale": if options.per_channel { json!(ws) } else { json!(ws[0]) },
-                }));
-            }
-            ("Conv" | "Gemm", _)
-                if options.float_layers.iter().any(|f| n.input.get(1).map(|w| layer_name(w)) == Some(f.clone())) =>
-            {
-                float_layers.push(json!({"layer": f_name(n), "op": op, "reason": "requested", "weights": "float32"}));
-                nodes.push(n.clone());
-            }
-            ("Conv" | "Gemm", _) => {
-                // Float compute, int8 weights behind a constant DequantizeLinear.
-                let w_name = &n.input[1];
-                let w_t = inits.get(w_name).ok_or_else(|| FormatError::Invalid {
-                    what: "graph".into(),
-                    detail: format!("{op} weight `{w_name}` is not an initializer"),
-                })?;
-                let w = float_values(w_t)?;
-                let cout = *w_t.dims.first().unwrap_or(&1) as usize;
-                let (wq, ws) = quantize_weights(&w, cout, true);
-                let (wqn, wsn, wzn) =
-                    (format!("{w_name}.int8"), format!("{w_name}.scale"), format!("{w_name}.zero_point"));
-                new_inits.push(i8_tensor(&wqn, &w_t.dims, &wq));
-                new_inits.push(f32_tensor(&wsn, &[cout as i64], &ws));
-                new_inits.push(i8_tensor(&wzn, &[cout as i64], &vec![0; cout]));
-                removed.insert(w_name.clone());
-                let dq = format!("{w_name}.dequantize");
-                nodes.push(node("DequantizeLinear", &dq, &[&wqn, &wsn, &wzn], w_name, vec![axis0()]));
-                let groups = attr_i(n, "group").unwrap_or(1).max(1) as usize;
-                let correction = match (options.input_means.get(&n.input[0]), n.input.get(2)) {
-                    (Some(mean), Some(b_name)) => expected_error(&w, &wq, &ws, &w_t.dims, groups, mean)
-                        .and_then(|e| Some((b_name, inits.get(b_name)?, e))),
-                    _ => None,
-                };
-                let depthwise = attr_i(n, "group").unwrap_or(1) > 1;
-                let mut n = n.clone();
-                if let Some((b_name, b_t, e)) = correction {
-                    let b = float_values(b_t)?;
-                    if b.len() == e.len() {
-                        let corrected: Vec<f32> = b.iter().zip(&e).map(|(b, e)| (f64::from(*b) - e) as f32).collect();
-                        let name = format!("{b_name}.corrected");
-                        new_inits.push(f32_tensor(&name, &b_t.dims, &corrected));
-                        n.input[2] = name;
-                        removed.insert(b_name.clone());
-                    }
-                }
-                let corrected = n.input.get(2).is_some_and(|b| b.ends_with(".corrected"));
-                nodes.push(n);
-                let reason = match plan {
-                    Some(_) if depthwise => "depthwise",
-                    _ if op == "Gemm" => "head",
-                    _ => "weights-only scheme",
-                };
-                float_layers.push(json!({
-                    "layer": layer_name(w_name), "op": op, "reason": reason, "weights": "int8",
-                    "bias_corrected": corrected,
-                }));
-            }
-            _ => nodes.push(n.clone()),
-        }
+    /// Weight `w_name` of an `op` node rounded to int8 (symmetric, one scale
+    /// per output channel or one in all), written as three initializers in
+    /// place of the float one.
+    fn int8_weight(&mut self, w_name: &str, op: &str, per_channel: bool) -> Result<Int8Weight, FormatError> {
+        let w_t = self.init(w_name, &format!("{op} weight"))?;
+        let w = float_values(w_t)?;
+        let dims = w_t.dims.clone();
+        let cout = *dims.first().unwrap_or(&1) as usize;
+        let (wq, scales) = quantize_weights(&w, cout, per_channel);
+        let sdims: Vec<i64> = if per_channel { vec![cout as i64] } else { vec![] };
+        let names = [format!("{w_name}.int8"), format!("{w_name}.scale"), format!("{w_name}.zero_point")];
+        self.new_inits.push(tensor_i8(&names[0], &dims, &wq));
+        self.new_inits.push(tensor_f32(&names[1], &sdims, &scales));
+        self.new_inits.push(tensor_i8(&names[2], &sdims, &vec![0; scales.len()]));
+        self.removed.insert(w_name.to_owned());
+        Ok(Int8Weight { dims, w, wq, scales, names })
     }
-    for t in &graph.initializer {
-        let name = t.name.clone().unwrap_or_default();
-        if !removed.contains(&name) {
-            new_inits.push(t.clone());
+
+    /// A quantized convolution: its input quantized once (QuantizeLinear),
+    /// int8 weights, an int32 bias, QLinearConv, and a DequantizeLinear of
+    /// the output where a float node reads it.
+    fn qlinear_conv(
+        &mut self,
+        n: &onnx::NodeProto,
+        p: &ConvPlan,
+        float_readers: &HashSet<&str>,
+    ) -> Result<(), FormatError> {
+        let per_channel = self.options.per_channel;
+        let x = &n.input[0];
+        if !self.int8.contains_key(x) {
+            let (s, z) = self.qparam(x)?;
+            let q = format!("{x}.int8");
+            self.nodes.push(node("QuantizeLinear", &[x, &s, &z], &q, vec![]));
+            self.int8.insert(x.clone(), (q, s, z));
         }
+        let (xq, xs, xz) = self.int8[x].clone();
+        let Int8Weight { scales: ws, names: [wqn, wsn, wzn], .. } = self.int8_weight(&n.input[1], "Conv", per_channel)?;
+        let x_scale = QParams::asymmetric(self.range(x)?).scale;
+        let mut inputs: Vec<String> = vec![xq, xs, xz, wqn, wsn, wzn];
+        let (ys, yz) = self.qparam(&p.output)?;
+        inputs.push(ys.clone());
+        inputs.push(yz.clone());
+        if let Some(b_name) = n.input.get(2) {
+            let b_t = self.init(b_name, "Conv bias")?;
+            let b = float_values(b_t)?;
+            let bq: Vec<i32> = b
+                .iter()
+                .enumerate()
+                .map(|(c, v)| {
+                    let s = x_scale * if per_channel { ws[c] } else { ws[0] };
+                    (f64::from(*v) / f64::from(s)).round().clamp(i32::MIN as f64, i32::MAX as f64) as i32
+                })
+                .collect();
+            let bqn = format!("{b_name}.int32");
+            let bias = tensor_i32(&bqn, &b_t.dims, &bq);
+            self.new_inits.push(bias);
+            self.removed.insert(b_name.clone());
+            inputs.push(bqn);
+        }
+        let yq = format!("{}.int8", p.output);
+        let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
+        let mut conv = node("QLinearConv", &refs, &yq, n.attribute.clone());
+        conv.name = n.name.clone();
+        self.nodes.push(conv);
+        if float_readers.contains(p.output.as_str()) {
+            let name = format!("{}.dequantize", p.output);
+            let dequantize = node("DequantizeLinear", &[&yq, &ys, &yz], &p.output, vec![]);
+            self.nodes.push(onnx::NodeProto { name: Some(name), ..dequantize });
+        }
+        self.int8.insert(p.output.clone(), (yq, ys, yz));
+        self.layers.push(json!({
+            "layer": p.layer,
+            "op": "QLinearConv",
+            "relu6_folded": p.clip.is_some(),
+            "weight_scale": if per_channel { json!(ws) } else { json!(ws[0]) },
+        }));
+        Ok(())
     }
-    let mut out = graph.clone();
-    out.node = nodes;
-    out.initializer = new_inits;
-    let record = json!({
-        "scheme": options.scheme,
-        "weights": {"dtype": "int8", "symmetric": true, "zero_point": 0,
-                    "per_channel": if options.scheme == Scheme::Static { options.per_channel } else { true }},
-        "activations": if options.scheme == Scheme::Static {
-            json!({"dtype": "int8", "asymmetric": true, "per_tensor": true})
-        } else {
-            json!({"dtype": "float32"})
-        },
-        "quantized_layers": layers,
-        "float_layers": float_layers,
-        "tensors": tensors,
-    });
-    Ok((out, record))
+
+    /// Whether `n`'s layer is one of [`Options::float_layers`].
+    fn requested_float(&self, n: &onnx::NodeProto) -> bool {
+        self.options.float_layers.iter().any(|f| n.input.get(1).map(|w| layer_name(w)) == Some(f.clone()))
+    }
+
+    /// A layer kept entirely in float, as asked.
+    fn keep_float(&mut self, n: &onnx::NodeProto, op: &str) {
+        self.float_layers.push(json!({"layer": f_name(n), "op": op, "reason": "requested", "weights": "float32"}));
+        self.nodes.push(n.clone());
+    }
+
+    /// Float compute, int8 weights behind a constant DequantizeLinear; the
+    /// bias corrected for the weights' expected error where the input's
+    /// channel means are known ([`Options::input_means`]).
+    fn int8_weights_float_compute(
+        &mut self,
+        n: &onnx::NodeProto,
+        op: &str,
+        plan: Option<&ConvPlan>,
+    ) -> Result<(), FormatError> {
+        let w_name = &n.input[1];
+        let Int8Weight { dims, w, wq, scales: ws, names: [wqn, wsn, wzn] } = self.int8_weight(w_name, op, true)?;
+        let dq = format!("{w_name}.dequantize");
+        let dequantize = node("DequantizeLinear", &[&wqn, &wsn, &wzn], w_name, vec![attr_int("axis", 0)]);
+        self.nodes.push(onnx::NodeProto { name: Some(dq), ..dequantize });
+        let groups = attr_i(n, "group").unwrap_or(1).max(1) as usize;
+        let correction = match (self.options.input_means.get(&n.input[0]), n.input.get(2)) {
+            (Some(mean), Some(b_name)) => expected_error(&w, &wq, &ws, &dims, groups, mean)
+                .and_then(|e| Some((b_name, self.inits.get(b_name)?, e))),
+            _ => None,
+        };
+        let depthwise = attr_i(n, "group").unwrap_or(1) > 1;
+        let mut n = n.clone();
+        if let Some((b_name, b_t, e)) = correction {
+            let b = float_values(b_t)?;
+            if b.len() == e.len() {
+                let corrected: Vec<f32> = b.iter().zip(&e).map(|(b, e)| (f64::from(*b) - e) as f32).collect();
+                let name = format!("{b_name}.corrected");
+                let bias = tensor_f32(&name, &b_t.dims, &corrected);
+                self.new_inits.push(bias);
+                n.input[2] = name;
+                self.removed.insert(b_name.clone());
+            }
+        }
+        let corrected = n.input.get(2).is_some_and(|b| b.ends_with(".corrected"));
+        self.nodes.push(n);
+        let reason = match plan {
+            Some(_) if depthwise => "depthwise",
+            _ if op == "Gemm" => "head",
+            _ => "weights-only scheme",
+        };
+        self.float_layers.push(json!({
+            "layer": layer_name(w_name), "op": op, "reason": reason, "weights": "int8",
+            "bias_corrected": corrected,
+        }));
+        Ok(())
+    }
+
+    /// The rewritten graph (the untouched initializers after the new ones)
+    /// and the manifest's `quantization` record.
+    fn finish(mut self, graph: &onnx::GraphProto) -> (onnx::GraphProto, serde_json::Value) {
+        for t in &graph.initializer {
+            let name = t.name.clone().unwrap_or_default();
+            if !self.removed.contains(&name) {
+                self.new_inits.push(t.clone());
+            }
+        }
+        let options = self.options;
+        let mut out = graph.clone();
+        out.node = self.nodes;
+        out.initializer = self.new_inits;
+        let record = json!({
+            "scheme": options.scheme,
+            "weights": {"dtype": "int8", "symmetric": true, "zero_point": 0,
+                        "per_channel": if options.scheme == Scheme::Static { options.per_channel } else { true }},
+            "activations": if options.scheme == Scheme::Static {
+                json!({"dtype": "int8", "asymmetric": true, "per_tensor": true})
+            } else {
+                json!({"dtype": "float32"})
+            },
+            "quantized_layers": self.layers,
+            "float_layers": self.float_layers,
+            "tensors": self.tensors,
+        });
+        (out, record)
+    }
 }
 
 /// What [`Scheme::Qdq`] quantizes: the convolutions, the ReLU6 clips folded
@@ -855,10 +888,10 @@ fn dequantized_weight(
         }
     }
     let (wqn, wsn, wzn) = (format!("{w_name}.int8"), format!("{w_name}.scale"), format!("{w_name}.zero_point"));
-    inits.push(i8_tensor(&wqn, &w_t.dims, &wq));
-    inits.push(f32_tensor(&wsn, &[ws.len() as i64], &ws));
-    inits.push(i8_tensor(&wzn, &[ws.len() as i64], &vec![0; ws.len()]));
-    nodes.push(node("DequantizeLinear", &format!("{w_name}.dequantize"), &[&wqn, &wsn, &wzn], &w_name, vec![axis0()]));
+    inits.push(tensor_i8(&wqn, &w_t.dims, &wq));
+    inits.push(tensor_f32(&wsn, &[ws.len() as i64], &ws));
+    inits.push(tensor_i8(&wzn, &[ws.len() as i64], &vec![0; ws.len()]));
+    nodes.push(named_node("DequantizeLinear", &format!("{w_name}.dequantize"), &[&wqn, &wsn, &wzn], &w_name, vec![attr_int("axis", 0)]));
     Ok((w, wq, ws))
 }
 
@@ -894,8 +927,8 @@ fn quantize_qdq(
             r = Range { min: 0.0, max: r.max.clamp(0.0, 6.0) };
         }
         let q = QParams::asymmetric(r);
-        new_inits.push(f32_tensor(&format!("{t}.scale"), &[], &[q.scale]));
-        new_inits.push(i8_tensor(&format!("{t}.zero_point"), &[], &[q.zero_point]));
+        new_inits.push(tensor_f32(&format!("{t}.scale"), &[], &[q.scale]));
+        new_inits.push(tensor_i8(&format!("{t}.zero_point"), &[], &[q.zero_point]));
         tensors.insert(t.clone(), json!({"scale": q.scale, "zero_point": q.zero_point, "min": r.min, "max": r.max}));
         params.insert(t.clone(), q);
     }
@@ -903,8 +936,8 @@ fn quantize_qdq(
     let qdq = |float: &str, t: &str, out: &str| {
         let (s, z, q) = (format!("{t}.scale"), format!("{t}.zero_point"), format!("{out}.quantized"));
         [
-            node("QuantizeLinear", &format!("{out}.quantize"), &[float, &s, &z], &q, vec![]),
-            node("DequantizeLinear", &format!("{out}.dequantize"), &[&q, &s, &z], out, vec![]),
+            named_node("QuantizeLinear", &format!("{out}.quantize"), &[float, &s, &z], &q, vec![]),
+            named_node("DequantizeLinear", &format!("{out}.dequantize"), &[&q, &s, &z], out, vec![]),
         ]
     };
 
@@ -977,10 +1010,10 @@ fn quantize_qdq(
                     .collect();
                 let (bqn, bsn, bzn) = (format!("{b_name}.int32"), format!("{b_name}.scale"), format!("{b_name}.zero_point"));
                 let dims = [bq.len() as i64];
-                new_inits.push(i32_tensor(&bqn, &dims, &bq));
-                new_inits.push(f32_tensor(&bsn, &dims, &bs));
-                new_inits.push(i32_tensor(&bzn, &dims, &vec![0; bq.len()]));
-                nodes.push(node("DequantizeLinear", &format!("{b_name}.dequantize"), &[&bqn, &bsn, &bzn], &b_name, vec![axis0()]));
+                new_inits.push(tensor_i32(&bqn, &dims, &bq));
+                new_inits.push(tensor_f32(&bsn, &dims, &bs));
+                new_inits.push(tensor_i32(&bzn, &dims, &vec![0; bq.len()]));
+                nodes.push(named_node("DequantizeLinear", &format!("{b_name}.dequantize"), &[&bqn, &bsn, &bzn], &b_name, vec![attr_int("axis", 0)]));
                 removed.insert(b_name);
             }
             let relu6 = plan.folded.get(&i).map(|&c| graph.node[c].output[0].clone());
@@ -1113,7 +1146,7 @@ mod tests {
 
     #[test]
     fn replaced_initializers_keep_their_size_and_must_exist() {
-        let mut g = onnx::GraphProto { initializer: vec![f32_tensor("b", &[2], &[1.0, 2.0])], ..Default::default() };
+        let mut g = onnx::GraphProto { initializer: vec![tensor_f32("b", &[2], &[1.0, 2.0])], ..Default::default() };
         replace_float_initializers(&mut g, &BTreeMap::from([("b".to_string(), vec![3.0, 4.0])])).unwrap();
         assert_eq!(float_values(&g.initializer[0]).unwrap(), vec![3.0, 4.0]);
         assert_eq!(g.initializer[0].dims, vec![2]);

@@ -881,6 +881,7 @@ mod tests {
     use crate::bundle::encode;
     use crate::export::{build_graph, default_io, HeadSpec};
     use crate::manifest::{ArchitectureInfo, OutputKind, Precision, Preprocessing, Provenance, ResizeMode, FORMAT_VERSION};
+    use crate::onnx_build::{attr_int as int, attr_ints as ints, node as n, tensor_f32 as f32s};
     use crate::quantize::{calibration_tensors, quantize_graph, Options, Range, Scheme};
     use crate::weights::TensorData;
     use std::collections::{BTreeMap, HashMap};
@@ -1006,45 +1007,7 @@ mod tests {
         (graph, manifest(pre, io, 2))
     }
 
-    fn n(op: &str, inputs: &[&str], out: &str, attribute: Vec<onnx::AttributeProto>) -> onnx::NodeProto {
-        onnx::NodeProto {
-            name: Some(out.into()),
-            op_type: Some(op.into()),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![out.into()],
-            attribute,
-            ..Default::default()
-        }
-    }
-
-    fn int(name: &str, v: i64) -> onnx::AttributeProto {
-        onnx::AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::Int as i32),
-            i: Some(v),
-            ..Default::default()
-        }
-    }
-
-    fn ints(name: &str, v: &[i64]) -> onnx::AttributeProto {
-        onnx::AttributeProto {
-            name: Some(name.into()),
-            r#type: Some(AttributeType::Ints as i32),
-            ints: v.to_vec(),
-            ..Default::default()
-        }
-    }
-
-    fn f32s(name: &str, dims: &[i64], v: &[f32]) -> onnx::TensorProto {
-        onnx::TensorProto {
-            name: Some(name.into()),
-            dims: dims.to_vec(),
-            data_type: Some(DataType::Float as i32),
-            raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-            ..Default::default()
-        }
-    }
-
+    // int64_data rather than raw_data: the other way ONNX stores tensors.
     fn i64s(name: &str, v: &[i64]) -> onnx::TensorProto {
         onnx::TensorProto {
             name: Some(name.into()),

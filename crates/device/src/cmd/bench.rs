@@ -10,10 +10,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use tern_device::engine::Compute;
 use tern_device::npy;
-use tern_device::perf::{self, LatencyStats, Profile};
+use tern_device::perf;
 use tern_model_format::preprocess::{decode_image, open_image, preprocess_rgb8};
+use tern_model_format::report::{BenchReport, FrameCost, LatencyStats};
 use tern_model_format::Bundle;
 
 /// Arguments of `bench`.
@@ -44,45 +44,6 @@ pub struct Args {
     json: bool,
     #[command(flatten)]
     engine: super::EngineArgs,
-}
-
-/// What `bench` measured.
-#[derive(serde::Serialize)]
-struct Report {
-    bundle: PathBuf,
-    precision: String,
-    /// The float type the plan computes in (`f32`, or `f16` with `--f16`).
-    compute: Compute,
-    model_bytes: u64,
-    threads: usize,
-    /// tract-linalg's channel-last depthwise kernel on this machine (`None`:
-    /// depthwise layers stay channel-first).
-    depthwise_kernel: Option<&'static str>,
-    /// Whether Tern's fused ops ran (false with `--tract-kernels`, or on a
-    /// CPU without their kernels).
-    tern_kernels: bool,
-    /// How many of tract's ops Tern's fused ops replaced.
-    fused_ops: usize,
-    /// Load + verify + optimise the bundle, ms.
-    load_ms: f64,
-    /// Load → first result, ms.
-    cold_start_ms: f64,
-    latency: LatencyStats,
-    /// Inferences per second, one at a time, from the mean latency.
-    throughput_per_s: f64,
-    peak_rss_bytes: Option<u64>,
-    top1: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    frame_640x480: Option<FrameCost>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    profile: Option<Profile>,
-}
-
-/// Cost of turning a 640×480 JPEG frame into the model input.
-#[derive(serde::Serialize)]
-struct FrameCost {
-    decode: LatencyStats,
-    resize_normalise: LatencyStats,
 }
 
 /// Runs the benchmark and prints the report.
@@ -123,13 +84,13 @@ pub fn run(a: Args) -> Result<ExitCode> {
         None => None,
     };
     let precision = Bundle::read(&a.bundle).map(|b| format!("{:?}", b.manifest.precision).to_lowercase())?;
-    let report = Report {
+    let report = BenchReport {
         bundle: a.bundle.clone(),
         precision,
-        compute: options.compute,
+        compute: options.compute.name().into(),
         model_bytes,
         threads: options.threads,
-        depthwise_kernel: tern_device::kernels::depthwise_c_kernel_name(),
+        depthwise_kernel: tern_device::kernels::depthwise_c_kernel_name().map(String::from),
         tern_kernels: clf.fused_ops() > 0,
         fused_ops: clf.fused_ops(),
         load_ms: ms(load),
@@ -193,7 +154,7 @@ fn frame_cost(a: &Args, pre: &tern_model_format::Preprocessing) -> Result<FrameC
     })
 }
 
-fn print_text(r: &Report, top: usize) {
+fn print_text(r: &BenchReport, top: usize) {
     let l = &r.latency;
     outln!(
         "{} ({}, computing in {}, {:.2} MB, {} thread(s))",
@@ -204,7 +165,7 @@ fn print_text(r: &Report, top: usize) {
         r.threads
     );
     outln!("  load {:.1} ms, cold start (load → first result) {:.1} ms", r.load_ms, r.cold_start_ms);
-    match r.depthwise_kernel {
+    match &r.depthwise_kernel {
         Some(k) => outln!("  depthwise layers channel-last with {k}"),
         None => outln!("  depthwise layers channel-first (no channel-last depthwise kernel on this machine)"),
     }

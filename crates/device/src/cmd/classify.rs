@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use tern_device::events::escape_for_terminal as esc;
-use tern_device::{npy, Classifier, Ranked};
+use tern_device::{npy, Classifier};
+use tern_model_format::report::ClassifyLine;
 use tern_model_format::preprocess::open_image;
 
 /// Arguments of `classify`.
@@ -30,15 +31,6 @@ pub struct Args {
     dump_input: Option<PathBuf>,
     #[command(flatten)]
     engine: super::EngineArgs,
-}
-
-#[derive(serde::Serialize)]
-struct Line<'a> {
-    image: &'a Path,
-    top: Vec<Ranked>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    logits: Option<Vec<f32>>,
-    latency_ms: f64,
 }
 
 /// Classifies every image; an image that cannot be read is reported and the
@@ -69,7 +61,7 @@ fn one(clf: &mut Classifier, a: &Args, path: &Path) -> Result<()> {
     let top = clf.top_k(&out, a.top_k);
     let latency_ms = took.as_secs_f64() * 1e3;
     if a.json {
-        let line = Line { image: path, top, logits: a.logits.then(|| out.logits.clone()), latency_ms };
+        let line = ClassifyLine { image: path.to_path_buf(), top, logits: a.logits.then(|| out.logits.clone()), latency_ms };
         outln!("{}", serde_json::to_string(&line)?);
     } else {
         outln!("{} ({latency_ms:.1} ms)", esc(&path.display().to_string()));

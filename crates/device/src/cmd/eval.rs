@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use tern_device::evaluate::{check_labels, evaluate};
 use tern_device::events::escape_for_terminal as esc;
 use tern_model_format::dataset;
+use tern_model_format::report::{EvalLine, EvalSummary};
 
 /// Which part of the data set to evaluate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -78,10 +79,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let correct = results.iter().filter(|r| r.label == r.predicted).count();
     let accuracy = correct as f64 / results.len().max(1) as f64;
     if json {
-        let summary = serde_json::json!({
-            "summary": {"images": results.len(), "correct": correct, "accuracy": accuracy, "skipped": skipped.len()}
-        });
-        outln!("{summary}");
+        let summary = EvalSummary { images: results.len(), correct, accuracy, skipped: skipped.len() };
+        outln!("{}", serde_json::to_string(&EvalLine::Summary { summary })?);
     } else {
         outln!("accuracy {:.2}% ({correct}/{} images, {} skipped)", accuracy * 100.0, results.len(), skipped.len());
     }

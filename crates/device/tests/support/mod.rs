@@ -10,6 +10,9 @@ use tern_model_format::manifest::{
     ArchitectureInfo, Io, Manifest, OutputKind, Precision, Preprocessing, Provenance, ResizeMode, FORMAT_VERSION,
 };
 use tern_model_format::onnx;
+#[allow(unused_imports)] // each test binary uses some of them
+pub use tern_model_format::onnx_build::{attr_int, attr_ints, node, tensor_f32 as tensor};
+use tern_model_format::onnx_build::{tensor_i64, value_info_f32 as value_info};
 
 /// The three labels of [`color_bundle`], in output order.
 pub const COLORS: [&str; 3] = ["red", "green", "blue"];
@@ -88,74 +91,9 @@ fn test_manifest(labels: Vec<String>, pre: Preprocessing, io: Io) -> Manifest {
     }
 }
 
-pub fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<onnx::AttributeProto>) -> onnx::NodeProto {
-    onnx::NodeProto {
-        name: Some(output.into()),
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.into()],
-        attribute,
-        ..Default::default()
-    }
-}
-
-pub fn attr_int(name: &str, v: i64) -> onnx::AttributeProto {
-    onnx::AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(onnx::attribute_proto::AttributeType::Int as i32),
-        i: Some(v),
-        ..Default::default()
-    }
-}
-
-pub fn attr_ints(name: &str, v: &[i64]) -> onnx::AttributeProto {
-    onnx::AttributeProto {
-        name: Some(name.into()),
-        r#type: Some(onnx::attribute_proto::AttributeType::Ints as i32),
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
-
+/// A one-dimensional int64 tensor (shapes, axes).
 pub fn i64_tensor(name: &str, v: &[i64]) -> onnx::TensorProto {
-    onnx::TensorProto {
-        name: Some(name.into()),
-        dims: vec![v.len() as i64],
-        data_type: Some(onnx::tensor_proto::DataType::Int64 as i32),
-        raw_data: Some(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        ..Default::default()
-    }
-}
-
-pub fn tensor(name: &str, dims: &[i64], data: &[f32]) -> onnx::TensorProto {
-    onnx::TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(onnx::tensor_proto::DataType::Float as i32),
-        raw_data: Some(data.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        ..Default::default()
-    }
-}
-
-fn value_info(name: &str, shape: &[i64]) -> onnx::ValueInfoProto {
-    use onnx::tensor_shape_proto::{dimension::Value, Dimension};
-    use onnx::type_proto::{Tensor, Value as TypeValue};
-    onnx::ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(onnx::TypeProto {
-            value: Some(TypeValue::TensorType(Tensor {
-                elem_type: Some(onnx::tensor_proto::DataType::Float as i32),
-                shape: Some(onnx::TensorShapeProto {
-                    dim: shape
-                        .iter()
-                        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    tensor_i64(name, &[v.len() as i64], v)
 }
 
 /// [`color_bundle`] with any number (>= 3) of outputs: the first three are

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use tern_host::pretrained::class_index;
 use tern_host::viz::{argmax, attack, pixels, to_rgb, AttackOptions, Differentiable};
 use tern_model_format::preprocess::open_image;
+use tern_model_format::report::ClassifyLine;
 
 /// Arguments of `attack`.
 #[derive(clap::Args)]
@@ -57,13 +58,9 @@ fn device_top1(bin: &std::path::Path, bundle: &std::path::Path, image: &std::pat
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("bad output from tern-device")?;
-    let top = &v["top"][0];
-    Ok((
-        top["index"].as_u64().unwrap_or(u64::MAX),
-        top["label"].as_str().unwrap_or_default().to_string(),
-        top["probability"].as_f64().unwrap_or(f64::NAN),
-    ))
+    let line: ClassifyLine = serde_json::from_slice(&out.stdout).context("bad output from tern-device")?;
+    let top = line.top.into_iter().next().context("tern-device classify printed no top label")?;
+    Ok((top.index as u64, top.label, f64::from(top.probability)))
 }
 
 /// Runs the attack, writes the figures, prints a JSON summary.

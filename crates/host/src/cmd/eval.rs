@@ -10,6 +10,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use tern_host::metrics::Metrics;
 use tern_host::train::Prediction;
+use tern_model_format::report::EvalLine;
 use tern_model_format::Bundle;
 
 /// Arguments of `eval`.
@@ -58,10 +59,9 @@ pub fn device_predictions(bin: &Path, bundle: &Path, data: &Path) -> Result<Vec<
     }
     let mut preds = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("bad line from tern-device: {line}"))?;
-        if v.get("summary").is_none() {
-            preds.push(serde_json::from_value(v).with_context(|| format!("bad result from tern-device: {line}"))?);
+        match serde_json::from_str(line).with_context(|| format!("bad line from tern-device: {line}"))? {
+            EvalLine::Image(p) => preds.push(p),
+            EvalLine::Summary { .. } => {}
         }
     }
     Ok(preds)

@@ -7,6 +7,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use tern_host::quantize::{auto, auto_recipes, held_out, pick_images, quantize_bundle, Budget, Recipe, Request};
 use tern_model_format::quantize::{Method, Options, Scheme};
+use tern_model_format::report::BenchReport;
 
 /// `--calibration` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -184,9 +185,9 @@ pub fn bench_p50(bin: &Path, bundle: &Path, threads: usize, iters: usize) -> Res
     if !out.status.success() {
         bail!("{} bench {} failed: {}", bin.display(), bundle.display(), String::from_utf8_lossy(&out.stderr).trim());
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+    let report: BenchReport = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("{} bench printed no JSON report", bin.display()))?;
-    v["latency"]["p50_ms"].as_f64().with_context(|| format!("{} bench: no latency.p50_ms in its report", bin.display()))
+    Ok(report.latency.p50_ms)
 }
 
 /// Quantizes and prints a summary.
