@@ -6,6 +6,7 @@
 mod support;
 mod web_common;
 
+use ureq2 as ureq;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
@@ -289,4 +290,55 @@ fn bad_and_slow_clients_never_stall_the_loop() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(frames(&d) > before);
     drop(stuck);
+}
+
+/// The review of captured frames over HTTP (`--capture DIR` with `--http`):
+/// listed, their JPEG served, one moved to a new label, one confirmed, one
+/// deleted — and the folder on disk says the same; bad ids are refused.
+#[test]
+fn captured_frames_are_reviewed_over_http() {
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let captures = tempfile::tempdir().unwrap();
+    let dir = captures.path().to_str().unwrap().to_owned();
+    let args = ["--synthetic", "red*20,green*20", "--fps", "50", "--loop", "--capture", &dir, "--capture-below", "1.01"];
+    let d = Device::start(&bundle, &args, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let list = loop {
+        let l: serde_json::Value =
+            ureq::get(&d.url("/api/captures?per_page=10")).call().unwrap().into_json().unwrap();
+        if l["total"].as_u64().unwrap_or(0) >= 3 {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "fewer than 3 captures in 20 s: {l}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let ids: Vec<String> = list["items"].as_array().unwrap().iter().map(|i| i["id"].as_str().unwrap().to_owned()).collect();
+    let jpeg = ureq::get(&d.url(&format!("/api/captures/image?id={}", ids[0]))).call().unwrap();
+    assert_eq!(jpeg.content_type(), "image/jpeg");
+    let mut bytes = Vec::new();
+    jpeg.into_reader().read_to_end(&mut bytes).unwrap();
+    assert_eq!(image::load_from_memory(&bytes).unwrap().width(), 64);
+
+    let post = |path: &str, body: serde_json::Value| ureq::post(&d.url(path)).send_json(body);
+    let moved: serde_json::Value =
+        post("/api/captures/move", serde_json::json!({"id": ids[0], "label": "yellow"})).unwrap().into_json().unwrap();
+    assert_eq!(moved["label"], "yellow", "{moved}");
+    let new_id = moved["id"].as_str().unwrap();
+    assert!(new_id.starts_with("yellow/"), "{moved}");
+    assert!(captures.path().join(new_id).is_file());
+    assert!(!captures.path().join(&ids[0]).exists());
+    let confirmed: serde_json::Value =
+        post("/api/captures/confirm", serde_json::json!({"id": ids[1]})).unwrap().into_json().unwrap();
+    assert_eq!(confirmed["sidecar"]["reviewed"], true, "{confirmed}");
+    post("/api/captures/delete", serde_json::json!({"id": ids[2]})).unwrap();
+    assert!(!captures.path().join(&ids[2]).exists());
+
+    let status = |r: Result<ureq::Response, ureq::Error>| match r {
+        Ok(r) => r.status(),
+        Err(e) => e.into_response().map_or(0, |r| r.status()),
+    };
+    assert_eq!(status(post("/api/captures/delete", serde_json::json!({"id": "../../etc/passwd"}))), 400);
+    assert_eq!(status(post("/api/captures/delete", serde_json::json!({"id": ids[2]}))), 404);
+    assert_eq!(status(ureq::get(&d.url("/api/captures/image?id=red/..%2F..%2Fx.jpg")).call()), 400);
+    assert!(frames(&d) > 0);
 }

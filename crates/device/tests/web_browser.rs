@@ -9,6 +9,7 @@
 mod support;
 mod web_common;
 
+use ureq2 as ureq;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -47,6 +47,11 @@ pub struct CaptureArgs {
 }
 
 impl CaptureArgs {
+    /// The capture folder (`--capture DIR`), if any.
+    pub fn dir(&self) -> Option<&Path> {
+        self.capture.as_deref()
+    }
+
     /// The capture sink, if `--capture` was given.
     pub fn capture(&self, bundle: &Path, graph_sha256: &str, log: bool) -> Result<Option<Capture>> {
         let Some(dir) = &self.capture else { return Ok(None) };

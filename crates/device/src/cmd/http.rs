@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use tern_device::trust::Trust;
 use tern_device::web::{self, Loader, WebServer, WebSettings, WebSink};
 use tern_device::LoadOptions;
@@ -38,7 +38,15 @@ pub struct HttpArgs {
 impl HttpArgs {
     /// Starts the server when `--http` is given; `/api/classify` loads
     /// `bundle` on first use, through `trust`, on one thread.
-    pub fn start(&self, bundle: &Path, trust: &Trust, options: &LoadOptions) -> Result<Option<(WebServer, WebSink)>> {
+    /// With `captures` (`--capture DIR`), the page also reviews them
+    /// ([`web::review`]).
+    pub fn start(
+        &self,
+        bundle: &Path,
+        trust: &Trust,
+        options: &LoadOptions,
+        captures: Option<&Path>,
+    ) -> Result<Option<(WebServer, WebSink)>> {
         let Some(addr) = &self.http else { return Ok(None) };
         let token = web::read_token(self.http_token_file.as_deref(), std::env::var(web::TOKEN_ENV).ok())?;
         let write_timeout = Duration::try_from_secs_f64(self.http_write_timeout)
@@ -57,7 +65,16 @@ impl HttpArgs {
         let (path, trust, options) = (bundle.to_owned(), trust.clone(), options.threads(1));
         let loader: Loader = Box::new(move || Ok(trust.load(&path, &options)?.0));
         let protected = settings.token.is_some();
-        let (server, sink) = web::start(settings, Some(loader), axum::Router::new())?;
+        let extra = match captures {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("cannot create --capture {}", dir.display()))?;
+                let store = tern_device::capture::review::Store::open(dir)
+                    .map_err(|e| anyhow::anyhow!("--capture {}: {e}", dir.display()))?;
+                web::review::routes(store)
+            }
+            None => axum::Router::new(),
+        };
+        let (server, sink) = web::start(settings, Some(loader), extra)?;
         // Always printed (also with --quiet): with port 0 it is the only way
         // to learn the port.
         eprintln!(

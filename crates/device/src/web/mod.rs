@@ -32,6 +32,7 @@
 
 mod classify;
 mod metrics;
+pub mod review;
 mod state;
 mod stream;
 

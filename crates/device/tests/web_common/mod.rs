@@ -3,6 +3,7 @@
 //! its address read from its stderr, killed when dropped.
 #![allow(dead_code)]
 
+use ureq2 as ureq;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;

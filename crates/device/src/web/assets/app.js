@@ -99,4 +99,44 @@
       $("result").textContent = String(e);
     }
   };
+
+  // Review of captured frames (only when the run has --capture).
+  const captureList = $("capture-list");
+  async function act(path, body) {
+    const r = await fetch(path, { method: "POST", headers: Object.assign({ "Content-Type": "application/json" }, auth), body: JSON.stringify(body) });
+    if (!r.ok) { const j = await r.json().catch(() => ({})); alert(j.error || r.statusText); }
+    loadCaptures();
+  }
+  function captureItem(it) {
+    const li = document.createElement("li");
+    const img = document.createElement("img");
+    img.src = "api/captures/image?id=" + encodeURIComponent(it.id) + (token ? "&token=" + encodeURIComponent(token) : "");
+    img.alt = it.id;
+    const caption = document.createElement("div");
+    const reviewed = it.sidecar && it.sidecar.reviewed;
+    caption.textContent = it.label + (it.sidecar ? " · " + pct(it.sidecar.probability) : "") + (reviewed ? " · confirmed" : "");
+    const ok = document.createElement("button");
+    ok.textContent = "Confirm";
+    ok.onclick = () => act("api/captures/confirm", { id: it.id });
+    const mv = document.createElement("button");
+    mv.textContent = "Move…";
+    mv.onclick = () => { const l = prompt("File under which label?", it.label); if (l) act("api/captures/move", { id: it.id, label: l }); };
+    const del = document.createElement("button");
+    del.textContent = "Delete";
+    del.onclick = () => act("api/captures/delete", { id: it.id });
+    li.append(img, caption, ok, mv, del);
+    return li;
+  }
+  async function loadCaptures() {
+    try {
+      const r = await fetch("api/captures?per_page=24", { headers: auth, cache: "no-store" });
+      if (!r.ok) return;
+      const j = await r.json();
+      $("captures").hidden = false;
+      $("captures-count").textContent = "(" + j.total + ")";
+      captureList.replaceChildren(...j.items.map(captureItem));
+    } catch (e) { /* no captures on this run */ }
+  }
+  loadCaptures();
+  setInterval(loadCaptures, 5000);
 })();
