@@ -239,9 +239,8 @@ const BUF_TYPE_VIDEO_CAPTURE: u32 = 1;
 const MEMORY_MMAP: u32 = 1;
 
 fn ioctl<T>(fd: i32, request: u64, arg: &mut T) -> Result<(), i32> {
-    // SAFETY: `arg` is a live, exclusively borrowed `#[repr(C)]` struct of
-    // exactly the size encoded in `request` (see `ioc`), so the kernel reads
-    // and writes only within it.
+    // SAFETY: `arg` is a live, exclusively borrowed `#[repr(C)]` struct of exactly the size encoded in
+    // `request` (see `ioc`), so the kernel reads and writes only within it.
     let r = unsafe { libc::ioctl(fd, request as _, arg as *mut T) };
     if r < 0 {
         Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO))
