@@ -1,22 +1,20 @@
-//! The round trip of issue 16 ("capture for retraining"): a running
-//! device captures frames (`tern-device run --folder … --capture DIR
-//! --capture-below 1.01`), a person reviews them (frames of a colour the
-//! model does not know are moved to a new label, some others confirmed),
-//! `tern-host train --extra DIR` trains a new bundle with that label, and a
-//! running `tern-device run` reloads it and reports the new label.
+//! The round trip of issue 16 ("capture for retraining"): a device
+//! captures frames (`tern-device run --folder … --capture DIR
+//! --capture-below 1.01`); a person reviews them through the web view's API
+//! of a running device (`tern-device run --capture DIR --http …`: frames of
+//! a colour the model does not know are moved to a new label, some others
+//! confirmed); `tern-host train --extra DIR` trains a new bundle with that
+//! label; and that running device reloads it and reports the new label.
 //!
-//! The review goes through [`Reviewer`]; [`CliReviewer`] drives
-//! `tern-device review`, and an HTTP reviewer for the web view's API can
-//! take its place. The training set is made here: solid colours with
-//! noise, 6 images per class, 48×48, a few epochs; both trainings take
-//! seconds on two cores (the second reads the first's features from the
-//! cache).
+//! The training set is made here: solid colours with noise, 6 images per
+//! class, 48×48, a few epochs; both trainings take seconds on two cores
+//! (the second reads the first's features from the cache).
 
 mod common;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::time::{Duration, Instant};
@@ -24,38 +22,30 @@ use std::time::{Duration, Instant};
 use common::{device_bin, fixture};
 use serde_json::Value;
 
-/// The review API as the round trip uses it.
-trait Reviewer {
+/// The web view's review API (`/api/captures…`) of a running device.
+struct HttpReviewer {
+    /// `http://ADDR`.
+    base: String,
+}
+
+impl HttpReviewer {
     /// Every capture (newest first), as the API's `ListResponse` JSON.
-    fn list(&self) -> Value;
-    /// Files capture `id` under `label`; the moved item.
-    fn relabel(&self, id: &str, label: &str) -> Value;
-    /// Confirms capture `id`; the item.
-    fn confirm(&self, id: &str) -> Value;
-}
-
-/// `tern-device review DIR …`.
-struct CliReviewer {
-    dir: PathBuf,
-}
-
-impl CliReviewer {
-    fn call(&self, args: &[&str]) -> Value {
-        let out = Command::new(device_bin()).arg("review").arg(&self.dir).args(args).output().unwrap();
-        assert!(out.status.success(), "review {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Reviewer for CliReviewer {
     fn list(&self) -> Value {
-        self.call(&["list", "--per-page", "500"])
+        ureq::get(&format!("{}/api/captures?per_page=500", self.base)).call().unwrap().into_json().unwrap()
     }
+    fn post(&self, path: &str, body: Value) -> Value {
+        match ureq::post(&format!("{}{path}", self.base)).send_json(body.clone()) {
+            Ok(r) => r.into_json().unwrap(),
+            Err(e) => panic!("POST {path} {body}: {e}"),
+        }
+    }
+    /// Files capture `id` under `label`; the moved item.
     fn relabel(&self, id: &str, label: &str) -> Value {
-        self.call(&["move", id, label])
+        self.post("/api/captures/move", serde_json::json!({ "id": id, "label": label }))
     }
+    /// Confirms capture `id`; the item.
     fn confirm(&self, id: &str) -> Value {
-        self.call(&["confirm", id])
+        self.post("/api/captures/confirm", serde_json::json!({ "id": id }))
     }
 }
 
@@ -113,17 +103,22 @@ fn train(data: &Path, extra: Option<&Path>, out: &Path, cache: &Path) -> String 
 struct Device {
     child: Child,
     events: Receiver<Value>,
+    /// The web view's `http://ADDR`, when started with `--http`.
+    web: Option<String>,
 }
 
 impl Device {
-    fn start(bundle: &Path, script: &str) -> Device {
+    /// `tern-device run BUNDLE --synthetic SCRIPT --loop … ARGS`; with
+    /// `--http 127.0.0.1:0` among `args`, waits for the web view's address.
+    fn start(bundle: &Path, script: &str, args: &[&OsStr]) -> Device {
         let mut child = Command::new(device_bin())
             .arg("run")
             .arg(bundle)
             .args(["--synthetic", script, "--loop", "--fps", "20", "--every-frame", "--quiet"])
             .args(["--reload-interval", "0.2", "--report-every", "0"])
+            .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -137,7 +132,23 @@ impl Device {
                 }
             }
         });
-        Device { child, events }
+        // stderr passed on; the web view's address taken from it.
+        let stderr = child.stderr.take().unwrap();
+        let (addr_tx, addr) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                if let Some(rest) = line.strip_prefix("tern-device: web view on http://") {
+                    let _ = addr_tx.send(rest.split(['/', ' ']).next().unwrap_or_default().to_owned());
+                }
+            }
+        });
+        let web = args.iter().any(|a| *a == "--http").then(|| {
+            let a = addr.recv_timeout(Duration::from_secs(60)).expect("the web view's address on stderr");
+            format!("http://{a}")
+        });
+        Device { child, events, web }
     }
 
     /// Waits (at most `limit`) for an event `want` accepts; the events seen.
@@ -199,9 +210,22 @@ fn captured_frames_relabelled_teach_a_running_device_a_new_label() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    // Review: the blue frames (known by their source file's name) go to a
-    // new label; two of the others are confirmed, the rest left unreviewed.
-    let review = CliReviewer { dir: cap.clone() };
+    // The device that will take the new bundle runs on the old one, shows
+    // blue frames (which v1 calls red or green) and serves the review API
+    // over the captures (its own policy captures nothing: two classes, so
+    // the top probability is never below 0.01).
+    let live = d.path().join("live.onnx");
+    std::fs::copy(&v1, &live).unwrap();
+    let args: [&OsStr; 6] =
+        ["--http".as_ref(), "127.0.0.1:0".as_ref(), "--capture".as_ref(), cap.as_os_str(), "--capture-below".as_ref(), "0.01".as_ref()];
+    let dev = Device::start(&live, "blue", &args);
+    let seen = dev.until(Duration::from_secs(30), |v| v["event"] == "frame");
+    assert!(seen[0]["event"] == "started" && seen[0]["labels"] == serde_json::json!(["green", "red"]), "{seen:?}");
+
+    // Review over HTTP: the blue frames (known by their source file's name)
+    // go to a new label; two of the others are confirmed, the rest left
+    // unreviewed.
+    let review = HttpReviewer { base: dev.web.clone().unwrap() };
     let list = review.list();
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 12, "every frame captured: {list}");
@@ -219,18 +243,13 @@ fn captured_frames_relabelled_teach_a_running_device_a_new_label() {
             confirmed += 1;
         }
     }
+    assert_eq!(review.list()["items"].as_array().unwrap().len(), 12, "the running device captured more");
 
     let v2 = d.path().join("v2.onnx");
     let report = train(&data, Some(&cap), &v2, &cache);
     assert!(report.contains("new classes: [blue]"), "{report}");
     assert!(report.contains("8 image(s) added") && report.contains("4 unreviewed skipped"), "{report}");
 
-    // The running device: blue frames, which v1 calls red or green.
-    let live = d.path().join("live.onnx");
-    std::fs::copy(&v1, &live).unwrap();
-    let dev = Device::start(&live, "blue");
-    let seen = dev.until(Duration::from_secs(30), |v| v["event"] == "frame");
-    assert!(seen[0]["event"] == "started" && seen[0]["labels"] == serde_json::json!(["green", "red"]), "{seen:?}");
     let tmp = d.path().join("incoming.onnx");
     std::fs::copy(&v2, &tmp).unwrap();
     std::fs::rename(&tmp, &live).unwrap();
