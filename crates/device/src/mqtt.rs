@@ -387,6 +387,26 @@ pub struct MqttStats {
     pub connected: bool,
 }
 
+/// Reads an [`MqttSink`]'s counters from any thread ([`MqttSink::monitor`]).
+#[derive(Clone)]
+pub struct MqttMonitor {
+    shared: Arc<Shared>,
+}
+
+impl MqttMonitor {
+    /// Counters now.
+    pub fn stats(&self) -> MqttStats {
+        let s = self.shared.lock();
+        MqttStats { queued: s.queue.len(), ..s.stats }
+    }
+}
+
+impl std::fmt::Debug for MqttMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttMonitor").field("stats", &self.stats()).finish()
+    }
+}
+
 /// Connections that may drop while an event is the oldest unacknowledged
 /// one before it is given up.
 pub const MAX_TRIES: u8 = 3;
@@ -861,8 +881,13 @@ impl MqttSink {
 
     /// Counters now.
     pub fn stats(&self) -> MqttStats {
-        let s = self.shared.lock();
-        MqttStats { queued: s.queue.len(), ..s.stats }
+        self.monitor().stats()
+    }
+
+    /// A handle that reads the counters from another thread (the web
+    /// view's `/metrics` and `/api/status`), for as long as it is kept.
+    pub fn monitor(&self) -> MqttMonitor {
+        MqttMonitor { shared: Arc::clone(&self.shared) }
     }
 
     /// The last connection error, in words (`None` before the first).

@@ -342,3 +342,108 @@ fn captured_frames_are_reviewed_over_http() {
     assert_eq!(status(ureq::get(&d.url("/api/captures/image?id=red/..%2F..%2Fx.jpg")).call()), 400);
     assert!(frames(&d) > 0);
 }
+
+/// The mean colour of a JPEG's pixels.
+fn mean_rgb(jpeg: &[u8]) -> [f64; 3] {
+    let img = image::load_from_memory(jpeg).expect("a JPEG").to_rgb8();
+    let mut sum = [0f64; 3];
+    for p in img.pixels() {
+        for c in 0..3 {
+            sum[c] += f64::from(p[c]);
+        }
+    }
+    sum.map(|s| s / f64::from(img.width() * img.height()))
+}
+
+fn get_bytes(url: &str) -> Result<Vec<u8>, u16> {
+    match ureq::get(url).call() {
+        Ok(r) => {
+            assert_eq!(r.content_type(), "image/jpeg");
+            let mut b = Vec::new();
+            r.into_reader().read_to_end(&mut b).unwrap();
+            Ok(b)
+        }
+        Err(e) => Err(e.into_response().map_or(0, |r| r.status())),
+    }
+}
+
+#[test]
+fn the_page_shows_the_latest_snapshot() {
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let snaps = tempfile::tempdir().unwrap();
+    let mut args = RED_GREEN.to_vec();
+    args.extend(["--snapshot-dir", snaps.path().to_str().unwrap()]);
+    let d = Device::start(&bundle, &args, &[]);
+    // Each change of label names a snapshot; /snapshot.jpg is its frame.
+    for (label, rgb) in [("green", 1), ("red", 0), ("green", 1)] {
+        let s = d.wait_status(Duration::from_secs(20), &format!("a {label} snapshot"), |s| s["snapshot"]["label"] == label);
+        let name = s["snapshot"]["name"].as_str().unwrap().to_owned();
+        assert!(name.starts_with(snaps.path().to_str().unwrap()) && name.ends_with(".jpg"), "{s}");
+        let jpeg = get_bytes(&d.url("/snapshot.jpg")).expect("GET /snapshot.jpg");
+        let m = mean_rgb(&jpeg);
+        // The served frame is the one of the newest snapshot: if a newer
+        // one came meanwhile, it is of the other colour and named anew.
+        let now = d.status(None);
+        if now["snapshot"]["name"] == name.as_str() {
+            assert!(m[rgb] > 150.0 && m[1 - rgb] < 100.0, "{label} snapshot, mean colour {m:?}");
+        }
+        let end = Instant::now() + Duration::from_secs(10);
+        while !std::path::Path::new(&name).is_file() {
+            assert!(Instant::now() < end, "{name} never written");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let page = ureq::get(&d.url("/")).call().unwrap().into_string().unwrap();
+    assert!(page.contains("id=\"snapshot-img\""), "{page}");
+}
+
+#[test]
+fn without_snapshots_or_mqtt_the_status_says_so() {
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let d = Device::start(&bundle, RED_GREEN, &[]);
+    let s = d.wait_status(Duration::from_secs(10), "a label", |s| !s["label"].is_null());
+    assert!(s["snapshot"].is_null() && s["mqtt"].is_null(), "{s}");
+    assert_eq!(get_bytes(&d.url("/snapshot.jpg")), Err(404));
+    let metrics = ureq::get(&d.url("/metrics")).call().unwrap().into_string().unwrap();
+    assert!(!metrics.contains("tern_mqtt"), "{metrics}");
+}
+
+#[test]
+fn metrics_and_status_show_the_mqtt_queue() {
+    let Some(bin) = mosquitto() else { return };
+    let mut broker = Broker::start(&bin);
+    let (_dir, bundle) = color_bundle_in_tempdir();
+    let url = format!("mqtt://127.0.0.1:{}/tern/web-test", broker.port);
+    let mut args = RED_GREEN.to_vec();
+    args.extend(["--mqtt", &url]);
+    let d = Device::start(&bundle, &args, &[]);
+    let s = d.wait_status(Duration::from_secs(20), "MQTT connected, events delivered", |s| {
+        s["mqtt"]["connected"] == true && s["mqtt"]["delivered"].as_u64().unwrap_or(0) >= 2
+    });
+    assert_eq!(s["mqtt"]["dropped"], 0, "{s}");
+    let metric = |name: &str| -> f64 {
+        let text = ureq::get(&d.url("/metrics")).call().unwrap().into_string().unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(metric("tern_mqtt_connected"), 1.0);
+    assert!(metric("tern_mqtt_delivered_events_total") >= 2.0);
+    // The broker goes: label events (every 0.4 s) wait in the queue.
+    broker.stop();
+    let s = d.wait_status(Duration::from_secs(20), "events queued while the broker is away", |s| {
+        s["mqtt"]["connected"] == false && s["mqtt"]["queued"].as_u64().unwrap_or(0) >= 3
+    });
+    assert!(metric("tern_mqtt_queued_events") >= 3.0, "{s}");
+    assert_eq!(metric("tern_mqtt_connected"), 0.0);
+    let before = s["mqtt"]["delivered"].as_u64().unwrap();
+    // Back: the queue drains (what waited is delivered).
+    broker.restart(&bin);
+    let s = d.wait_status(Duration::from_secs(30), "the queue drained", |s| {
+        s["mqtt"]["connected"] == true && s["mqtt"]["delivered"].as_u64().unwrap_or(0) >= before + 3
+    });
+    assert!(metric("tern_mqtt_delivered_events_total") >= (before + 3) as f64, "{s}");
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tern_device::trust::Trust;
+use tern_device::mqtt::MqttMonitor;
 use tern_device::web::{self, Loader, WebServer, WebSettings, WebSink};
 use tern_device::LoadOptions;
 
@@ -39,13 +40,15 @@ impl HttpArgs {
     /// Starts the server when `--http` is given; `/api/classify` loads
     /// `bundle` on first use, through `trust`, on one thread.
     /// With `captures` (`--capture DIR`), the page also reviews them
-    /// ([`web::review`]).
+    /// ([`web::review`]); with `mqtt`, `/metrics` and `/api/status` show
+    /// the MQTT queue.
     pub fn start(
         &self,
         bundle: &Path,
         trust: &Trust,
         options: &LoadOptions,
         captures: Option<&Path>,
+        mqtt: Option<MqttMonitor>,
     ) -> Result<Option<(WebServer, WebSink)>> {
         let Some(addr) = &self.http else { return Ok(None) };
         let token = web::read_token(self.http_token_file.as_deref(), std::env::var(web::TOKEN_ENV).ok())?;
@@ -60,6 +63,7 @@ impl HttpArgs {
             fps: self.http_fps,
             max_upload: self.http_max_upload,
             write_timeout,
+            mqtt,
             ..WebSettings::default()
         };
         let (path, trust, options) = (bundle.to_owned(), trust.clone(), options.threads(1));

@@ -218,7 +218,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
         None => None,
     };
-    let mut web = a.http.start(&a.bundle, &trust, &options, a.capture.dir())?;
+    let mut web = a.http.start(&a.bundle, &trust, &options, a.capture.dir(), mqtt.as_ref().map(MqttSink::monitor))?;
     let reloader = if a.no_reload {
         None
     } else {

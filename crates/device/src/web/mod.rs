@@ -14,6 +14,7 @@
 //! | `GET /` | the page (embedded, no CDN): stream, label, top-k bars, figures, events |
 //! | `GET /stream.mjpg` | the frames as MJPEG (`multipart/x-mixed-replace`) |
 //! | `GET /api/status` | [`Status`] as JSON |
+//! | `GET /snapshot.jpg` | the frame of the newest snapshot (`--snapshot-dir`) |
 //! | `GET /api/events` | the loop's events as server-sent events |
 //! | `POST /api/classify` | one image in the body, answered with [`Classified`] |
 //! | `GET /metrics` | Prometheus text format |
@@ -54,6 +55,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use image::codecs::jpeg::JpegEncoder;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -61,10 +63,12 @@ use tokio::sync::oneshot;
 use tokio_io_timeout::TimeoutStream;
 
 pub use classify::{Classified, Loader};
-pub use state::{Score, Status, WebSink};
+pub use state::{MqttStatus, Score, SnapshotInfo, Status, WebSink};
 
 use classify::{Failed, Worker};
 use state::Shared;
+
+use crate::mqtt::MqttMonitor;
 
 /// The environment variable that holds the token when no file is given.
 pub const TOKEN_ENV: &str = "TERN_HTTP_TOKEN";
@@ -100,6 +104,9 @@ pub struct WebSettings {
     pub max_upload: usize,
     /// A client whose socket accepts nothing for this long is dropped.
     pub write_timeout: Duration,
+    /// The run's MQTT sink, whose queue and counters `/metrics` and
+    /// `/api/status` show.
+    pub mqtt: Option<MqttMonitor>,
 }
 
 impl Default for WebSettings {
@@ -112,6 +119,7 @@ impl Default for WebSettings {
             jpeg_quality: 80,
             max_upload: DEFAULT_MAX_UPLOAD,
             write_timeout: Duration::from_secs(10),
+            mqtt: None,
         }
     }
 }
@@ -196,7 +204,7 @@ pub fn start(settings: WebSettings, loader: Option<Loader>, extra: Router) -> Re
     std_listener.set_nonblocking(true).context("web view: cannot make the socket non-blocking")?;
     let addr = std_listener.local_addr().context("web view: no local address")?;
 
-    let shared = Arc::new(Shared::new());
+    let shared = Arc::new(Shared::new(settings.mqtt.clone()));
     let app = App {
         shared: Arc::clone(&shared),
         worker: loader.map(|l| Arc::new(Worker::new(l, Arc::clone(&shared)))),
@@ -239,6 +247,7 @@ fn router(app: App, extra: Router) -> Router {
         .route("/style.css", get(style))
         .route("/stream.mjpg", get(stream::mjpeg))
         .route("/api/status", get(status))
+        .route("/snapshot.jpg", get(snapshot))
         .route("/api/events", get(stream::events))
         .route("/api/classify", post(classify))
         .route("/metrics", get(metrics))
@@ -440,8 +449,26 @@ async fn status(State(app): State<App>) -> impl IntoResponse {
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        app.shared.metrics.encode(),
+        app.shared.metrics.encode(app.shared.mqtt.as_ref().map(MqttMonitor::stats)),
     )
+}
+
+/// `GET /snapshot.jpg`: the frame of the newest snapshot, encoded here (off
+/// the inference thread) when asked for; 404 before the first.
+async fn snapshot(State(app): State<App>) -> Response {
+    let Some(latest) = app.shared.live().snapshot.clone() else {
+        return error(StatusCode::NOT_FOUND, "no snapshot yet (run with --snapshot-dir; one is taken when the label changes)");
+    };
+    let encoded = tokio::task::spawn_blocking(move || {
+        let mut jpeg = Vec::with_capacity(latest.image.len() / 8 + 1024);
+        JpegEncoder::new_with_quality(&mut std::io::Cursor::new(&mut jpeg), 85).encode_image(&*latest.image).map(|()| jpeg)
+    })
+    .await;
+    match encoded {
+        Ok(Ok(jpeg)) => ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "no-cache")], jpeg).into_response(),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the snapshot: {e}")),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the encoding task failed"),
+    }
 }
 
 fn error(status: StatusCode, detail: impl Into<String>) -> Response {

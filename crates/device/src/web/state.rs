@@ -14,6 +14,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
 use crate::events::{Event, FrameView, Sink};
+use crate::mqtt::{MqttMonitor, MqttStats};
 
 use super::metrics::Metrics;
 
@@ -48,7 +49,18 @@ pub(crate) struct Live {
     pub bundle: String,
     pub source: String,
     pub recent: VecDeque<Arc<str>>,
+    /// The newest snapshot named in a `label` event, with its frame.
+    pub snapshot: Option<LatestSnapshot>,
     times: VecDeque<Instant>,
+}
+
+/// The frame of the newest snapshot (`--snapshot-dir`), kept in memory so
+/// that the page shows it without reading the folder (the file is written
+/// by another thread, maybe not yet).
+#[derive(Clone)]
+pub(crate) struct LatestSnapshot {
+    pub info: SnapshotInfo,
+    pub image: Arc<RgbImage>,
 }
 
 impl Live {
@@ -87,11 +99,13 @@ pub(crate) struct Shared {
     /// Requests being served (streams included).
     pub clients: AtomicUsize,
     pub metrics: Metrics,
+    /// The MQTT sink's counters, when the run publishes to MQTT.
+    pub mqtt: Option<MqttMonitor>,
     pub started: Instant,
 }
 
 impl Shared {
-    pub fn new() -> Shared {
+    pub fn new(mqtt: Option<MqttMonitor>) -> Shared {
         Shared {
             live: Mutex::new(Live::default()),
             frames: watch::Sender::new(0),
@@ -100,7 +114,8 @@ impl Shared {
             events: broadcast::Sender::new(EVENT_QUEUE),
             generation: AtomicU64::new(0),
             clients: AtomicUsize::new(0),
-            metrics: Metrics::new(),
+            metrics: Metrics::new(mqtt.is_some()),
+            mqtt,
             started: Instant::now(),
         }
     }
@@ -143,6 +158,8 @@ impl Shared {
             clients: self.clients.load(Ordering::Relaxed),
             ts_ms: live.ts_ms,
             uptime_s: self.started.elapsed().as_secs_f64(),
+            snapshot: live.snapshot.as_ref().map(|s| s.info.clone()),
+            mqtt: self.mqtt.as_ref().map(|m| MqttStatus::from(m.stats())),
         }
     }
 }
@@ -201,6 +218,46 @@ pub struct Status {
     pub ts_ms: u64,
     /// Seconds since the server started.
     pub uptime_s: f64,
+    /// The newest snapshot (`--snapshot-dir`); its frame is `/snapshot.jpg`.
+    pub snapshot: Option<SnapshotInfo>,
+    /// The MQTT sink's figures (`--mqtt`).
+    pub mqtt: Option<MqttStatus>,
+}
+
+/// The newest snapshot, as `/api/status` gives it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotInfo {
+    /// The file (or, for a clip, the folder) the `label` event named.
+    pub name: String,
+    /// The label that became active (`null`: none).
+    pub label: Option<String>,
+    /// The region whose label changed (`null`: the whole frame).
+    pub region: Option<String>,
+    /// Index of the frame.
+    pub frame: u64,
+    /// When, ms since the epoch.
+    pub ts_ms: u64,
+}
+
+/// The MQTT sink's figures in `/api/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MqttStatus {
+    /// Whether the broker is connected now.
+    pub connected: bool,
+    /// Events waiting to be sent.
+    pub queued: usize,
+    /// Events delivered.
+    pub delivered: u64,
+    /// Events dropped because the queue was full.
+    pub dropped: u64,
+    /// Events given up.
+    pub failed: u64,
+}
+
+impl From<MqttStats> for MqttStatus {
+    fn from(s: MqttStats) -> Self {
+        MqttStatus { connected: s.connected, queued: s.queued, delivered: s.delivered, dropped: s.dropped, failed: s.failed }
+    }
 }
 
 /// The loop's side of the web view: a [`Sink`] that keeps the newest frame
@@ -249,6 +306,20 @@ impl Sink for WebSink {
                 Event::Reload { ok: false, .. } => {
                     live.reloads_refused += 1;
                     m.reloads_refused.inc();
+                }
+                // The frame of the change was handed to `frame` just before
+                // (regions' frames are not kept: the whole frame shows).
+                Event::Label { snapshot: Some(name), label, region, frame, ts_ms, .. } => {
+                    if let Some(image) = live.image.clone() {
+                        let info = SnapshotInfo {
+                            name: name.clone(),
+                            label: label.clone(),
+                            region: region.clone(),
+                            frame: *frame,
+                            ts_ms: *ts_ms,
+                        };
+                        live.snapshot = Some(LatestSnapshot { info, image });
+                    }
                 }
                 _ => {}
             }

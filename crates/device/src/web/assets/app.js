@@ -49,7 +49,23 @@
     $("viewers").textContent = s.viewers;
     $("bundle").textContent = s.bundle;
     $("source").textContent = s.source;
+    if (s.mqtt) {
+      $("mqtt-row").hidden = false;
+      $("mqtt").textContent = (s.mqtt.connected ? "connected" : "disconnected") + ", " + s.mqtt.queued + " queued, " + s.mqtt.dropped + " dropped";
+    }
+    showSnapshot(s.snapshot);
     $("frame").textContent = s.width ? "frame " + s.frame + (s.name ? " · " + s.name : "") + " · " + s.width + "×" + s.height : "waiting for the first frame";
+  }
+
+  // The newest snapshot: fetched again only when its name changes.
+  let snapshotName = null;
+  function showSnapshot(snap) {
+    if (!snap || snap.name === snapshotName) return;
+    snapshotName = snap.name;
+    $("snapshot").hidden = false;
+    $("snapshot-img").src = "snapshot.jpg?n=" + encodeURIComponent(snap.name) + (token ? "&token=" + encodeURIComponent(token) : "");
+    const who = snap.region ? snap.region + ": " : "";
+    $("snapshot-caption").textContent = new Date(snap.ts_ms).toLocaleTimeString() + " · " + who + (snap.label === null ? "no label" : snap.label) + " · " + snap.name;
   }
 
   async function poll() {
