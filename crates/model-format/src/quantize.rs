@@ -462,10 +462,27 @@ pub fn float_values(t: &onnx::TensorProto) -> Result<Vec<f32>, FormatError> {
     Ok(values)
 }
 
+/// The output channels (dimension 0) of weight `t` holding `len` values:
+/// an error for an empty weight, a dimension below 1, or values that do
+/// not split evenly into channels (a crafted file), never a panic later.
+fn out_channels(t: &onnx::TensorProto, len: usize) -> Result<usize, FormatError> {
+    let name = t.name.clone().unwrap_or_default();
+    let bad = |detail: String| FormatError::Invalid { what: format!("weight `{name}`"), detail };
+    if t.dims.iter().any(|d| *d < 1) || len == 0 {
+        return Err(bad(format!("dims {:?}: expected every dimension ≥ 1", t.dims)));
+    }
+    let cout = t.dims.first().map_or(1, |d| *d as usize);
+    if len % cout != 0 {
+        return Err(bad(format!("{len} values do not split into {cout} output channels")));
+    }
+    Ok(cout)
+}
+
 /// Symmetric int8 weights: `round(w / s)`, `s = max|w| / 127` per output
-/// channel (axis 0) or for the whole tensor.
+/// channel (axis 0) or for the whole tensor. `w` is not empty and splits
+/// evenly into `out_channels` ([`out_channels`] checks both).
 fn quantize_weights(w: &[f32], out_channels: usize, per_channel: bool) -> (Vec<i8>, Vec<f32>) {
-    let per = w.len() / out_channels.max(1);
+    let per = (w.len() / out_channels.max(1)).max(1);
     let amax = |s: &[f32]| s.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scales: Vec<f32> = if per_channel {
         w.chunks(per).map(|c| (amax(c) / 127.0).max(1e-12)).collect()
@@ -640,7 +657,7 @@ impl<'g> Rewrite<'g> {
         let w_t = self.init(w_name, &format!("{op} weight"))?;
         let w = float_values(w_t)?;
         let dims = w_t.dims.clone();
-        let cout = *dims.first().unwrap_or(&1) as usize;
+        let cout = out_channels(w_t, w.len())?;
         let (wq, scales) = quantize_weights(&w, cout, per_channel);
         let sdims: Vec<i64> = if per_channel { vec![cout as i64] } else { vec![] };
         let names = [format!("{w_name}.int8"), format!("{w_name}.scale"), format!("{w_name}.zero_point")];
@@ -874,7 +891,7 @@ fn dequantized_weight(
 ) -> Result<(Vec<f32>, Vec<i8>, Vec<f32>), FormatError> {
     let w_name = w_t.name.clone().unwrap_or_default();
     let w = float_values(w_t)?;
-    let cout = *w_t.dims.first().unwrap_or(&1) as usize;
+    let cout = out_channels(w_t, w.len())?;
     let (mut wq, mut ws) = quantize_weights(&w, cout, true);
     if let Some(min) = min_scale.filter(|m| m.len() == cout) {
         let per = w.len() / cout.max(1);
@@ -1086,6 +1103,24 @@ mod tests {
         let level = |x: f32| (x / q.scale).round() + f32::from(q.zero_point);
         assert!((level(-1.0) + 128.0).abs() <= 1.0, "{q:?}");
         assert!((level(3.0) - 127.0).abs() <= 1.0, "{q:?}");
+    }
+
+    #[test]
+    fn odd_weight_shapes_are_errors_not_panics() {
+        let t = |dims: Vec<i64>, n: usize| onnx::TensorProto {
+            name: Some("w".into()),
+            dims,
+            data_type: Some(DataType::Float as i32),
+            float_data: vec![0.5; n],
+            ..Default::default()
+        };
+        for (dims, n) in [(vec![0, 3, 1, 1], 0), (vec![-2, -3], 6), (vec![], 0)] {
+            let w = t(dims.clone(), n);
+            let err = out_channels(&w, float_values(&w).map_or(n, |v| v.len())).unwrap_err().to_string();
+            assert!(err.contains("weight `w`"), "{dims:?}: {err}");
+        }
+        assert_eq!(out_channels(&t(vec![4, 2, 3, 3], 72), 72).unwrap(), 4);
+        assert!(out_channels(&t(vec![4, 2, 3, 3], 72), 70).is_err());
     }
 
     #[test]
