@@ -105,8 +105,11 @@ fn the_page_shows_the_stream_and_follows_the_label_in_headless_chromium() {
         return;
     };
     let (_dir, bundle) = color_bundle_in_tempdir();
-    // Long runs of each colour, so that the page (polling every 0.3 s) sees both.
-    let d = Device::start(&bundle, &["--synthetic", "red*60,green*60", "--fps", "30", "--loop"], &[]);
+    // Long runs of each colour, so that the page (polling every 0.3 s) sees
+    // both; a snapshot at each change.
+    let snaps = tempfile::tempdir().unwrap();
+    let snap_dir = snaps.path().to_str().unwrap();
+    let d = Device::start(&bundle, &["--synthetic", "red*60,green*60", "--fps", "30", "--loop", "--snapshot-dir", snap_dir], &[]);
 
     let mut driver = Driver::start(&chromedriver);
     let caps = json!({ "capabilities": { "alwaysMatch": {
@@ -131,6 +134,11 @@ fn the_page_shows_the_stream_and_follows_the_label_in_headless_chromium() {
     driver.wait(Duration::from_secs(10), "events listed", "return document.querySelectorAll('#events li').length", |v| {
         v.as_u64().is_some_and(|n| n >= 2)
     });
+    driver.wait(Duration::from_secs(10), "the latest snapshot shown", "return document.getElementById('snapshot-img').naturalWidth", |v| {
+        v.as_u64().is_some_and(|w| w == 64)
+    });
+    let caption = driver.script("return document.getElementById('snapshot-caption').textContent");
+    assert!(caption.as_str().is_some_and(|c| c.contains(snap_dir) && (c.contains("red") || c.contains("green"))), "{caption}");
     let bars = driver.script("return document.querySelectorAll('#bars .row').length");
     assert_eq!(bars, 3, "one bar per label of the colour bundle");
 
