@@ -192,3 +192,32 @@ fn bad_inputs_are_refused_with_the_file_named() {
     assert!(e.contains("calibration image"), "{e}");
     assert!(!out.exists(), "a failed run left {}", out.display());
 }
+
+#[test]
+fn qdq_keeps_the_first_three_convolutions_float_and_calibrates_by_minmax() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, b) = quantize(dir.path(), &["--scheme", "qdq"]);
+    let q = b.manifest.quantization.as_ref().unwrap();
+    assert_eq!(q["scheme"], "qdq");
+    assert_eq!(q["calibration"]["ranges"]["method"], "minmax");
+    let agreement = b.manifest.metrics.as_ref().unwrap()["int8_vs_float"]["top1_agreement"].as_f64().unwrap();
+    assert!(agreement >= 0.99, "QDQ agrees with float on {agreement}");
+    // --float-first 3 by default: the stem and the first block compute in
+    // float on the unquantized input; the first int8 convolution reads the
+    // first block's quantized output.
+    let first = ["_conv_stem", "_blocks.0._depthwise_conv", "_blocks.0._project_conv"];
+    let float: Vec<&str> = q["float_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["reason"] == "requested")
+        .map(|l| l["layer"].as_str().unwrap())
+        .collect();
+    assert_eq!(float, first, "{}", q["float_layers"]);
+    let quantized = q["quantized_layers"].as_array().unwrap();
+    assert_eq!(quantized.len(), 49 - first.len());
+    assert_eq!(quantized[0]["layer"], "_blocks.1._expand_conv");
+    let tensors = q["tensors"].as_object().unwrap();
+    assert!(!tensors.contains_key("input") && !tensors.contains_key("_conv_stem.relu6"), "{:?}", tensors.keys());
+    assert!(tensors.contains_key("_blocks.0._project_conv.out"), "{:?}", tensors.keys());
+}

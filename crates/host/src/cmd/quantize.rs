@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
-use tern_host::quantize::{auto, auto_recipes, held_out, pick_images, quantize_bundle, Budget, Recipe, Request};
+use tern_host::quantize::{
+    auto, auto_recipes, first_convolutions, float_graph, held_out, pick_images, quantize_bundle, Budget, Recipe,
+    Request,
+};
 use tern_model_format::quantize::{Method, Options, Scheme};
 use tern_model_format::report::BenchReport;
 
@@ -52,9 +55,11 @@ pub struct Args {
     /// Calibration images drawn (seeded) from CALIB_DATA.
     #[arg(long, default_value_t = 200)]
     pub calib_images: usize,
-    /// How activation ranges are chosen.
-    #[arg(long, value_enum, default_value_t = Calibration::Percentile)]
-    pub calibration: Calibration,
+    /// How activation ranges are chosen. Default: minmax with `--scheme
+    /// qdq` (measured closer to float there, see docs/quantization.md),
+    /// percentile otherwise.
+    #[arg(long, value_enum)]
+    pub calibration: Option<Calibration>,
     /// Percentile for `--calibration percentile`.
     #[arg(long, default_value_t = 99.99)]
     pub percentile: f64,
@@ -68,6 +73,12 @@ pub struct Args {
     /// `_conv_stem,_blocks.0._project_conv`).
     #[arg(long, value_delimiter = ',')]
     pub float_layers: Vec<String>,
+    /// Keep the first N convolutions of the graph (the stem and the block
+    /// after it) in float, their activations included: with int8 the
+    /// network's first layers cost most of the agreement with float (see
+    /// docs/quantization.md). Default: 3 with `--scheme qdq`, 0 otherwise.
+    #[arg(long, value_name = "N")]
+    pub float_first: Option<usize>,
     /// Held-out images (not calibration images) for the float-vs-int8
     /// comparison recorded in the manifest; folders named like the
     /// bundle's labels also give accuracies.
@@ -96,7 +107,7 @@ pub struct Args {
     /// --budget and whose top-1 agrees with float on at least
     /// --min-agreement of them. Run it on the target machine for latencies that hold there.
     /// The candidates are fixed: --scheme, --calibration, --per-channel,
-    /// --float-layers, --min-shrink and --no-bias-correction do not apply
+    /// --float-layers, --float-first, --min-shrink and --no-bias-correction do not apply
     /// (--percentile does).
     #[arg(long, requires = "eval_data")]
     pub auto: bool,
@@ -125,9 +136,15 @@ pub struct Args {
 /// sensitive layers while the file stays well past the 3× goal.
 pub const DEFAULT_MIN_SHRINK: f64 = 3.5;
 
-/// The recipe the flags describe.
+/// `--float-first`'s default with `--scheme qdq`: the stem and the first
+/// block's depthwise and 1×1 convolutions (EfficientNet-Lite0, MobileNetV2).
+pub const DEFAULT_QDQ_FLOAT_FIRST: usize = 3;
+
+/// The recipe the flags describe; `--float-first` needs the float bundle's
+/// graph.
 pub fn recipe(a: &Args) -> Result<Recipe> {
-    let method = match a.calibration {
+    let default = if a.scheme == SchemeArg::Qdq { Calibration::Minmax } else { Calibration::Percentile };
+    let method = match a.calibration.unwrap_or(default) {
         Calibration::Minmax => Method::MinMax,
         Calibration::Percentile => {
             if !(50.0..=100.0).contains(&a.percentile) {
@@ -147,7 +164,7 @@ pub fn recipe(a: &Args) -> Result<Recipe> {
         options: Options {
             scheme,
             per_channel: a.per_channel,
-            float_layers: a.float_layers.clone(),
+            float_layers: float_layers(a, scheme)?,
             input_means: Default::default(),
         },
         bias_correction: !a.no_bias_correction,
@@ -159,6 +176,20 @@ pub fn recipe(a: &Args) -> Result<Recipe> {
             (None, Scheme::Static | Scheme::Qdq) => None,
         },
     })
+}
+
+/// `--float-layers` and the layers of `--float-first`, each once.
+fn float_layers(a: &Args, scheme: Scheme) -> Result<Vec<String>> {
+    let first = a.float_first.unwrap_or(if scheme == Scheme::Qdq { DEFAULT_QDQ_FLOAT_FIRST } else { 0 });
+    let mut layers = a.float_layers.clone();
+    if first > 0 && !a.auto {
+        for l in first_convolutions(&float_graph(&a.bundle)?, first) {
+            if !layers.contains(&l) {
+                layers.push(l);
+            }
+        }
+    }
+    Ok(layers)
 }
 
 /// The tern-device binary: `explicit`, else next to this executable.

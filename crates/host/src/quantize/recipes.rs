@@ -1,6 +1,7 @@
 //! One way to quantize: [`Recipe`].
 
-use tern_model_format::quantize::{Method, Options};
+use tern_model_format::onnx;
+use tern_model_format::quantize::{layer_name, Method, Options};
 
 /// One way to quantize: a range method, graph options and bias correction.
 #[derive(Debug, Clone)]
@@ -48,4 +49,17 @@ pub(super) fn method_name(m: Method) -> String {
         Method::Percentile(p) => format!("percentile-{p}"),
         Method::Entropy => "entropy".into(),
     }
+}
+
+/// The layers of the first `n` convolutions of `graph`, in graph order (the
+/// stem and the block after it, for the backbones Tern exports): the layers
+/// that `tern-host quantize --float-first` keeps in float.
+pub fn first_convolutions(graph: &onnx::GraphProto, n: usize) -> Vec<String> {
+    graph
+        .node
+        .iter()
+        .filter(|node| node.op_type.as_deref() == Some("Conv"))
+        .filter_map(|node| node.input.get(1).map(|w| layer_name(w)))
+        .take(n)
+        .collect()
 }
