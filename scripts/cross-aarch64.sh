@@ -44,7 +44,7 @@ samples=${TERN_SAMPLES:-data/samples}
 tol=${TERN_CROSS_TOL:-1e-4}
 sysroot=/usr/aarch64-linux-gnu
 
-for tool in /usr/bin/cargo /usr/bin/rustc aarch64-linux-gnu-gcc aarch64-linux-gnu-strip qemu-aarch64 python3; do
+for tool in /usr/bin/cargo /usr/bin/rustc aarch64-linux-gnu-gcc aarch64-linux-gnu-g++ aarch64-linux-gnu-strip qemu-aarch64 python3; do
   if ! command -v "$tool" >/dev/null; then
     echo "error: $tool not found: run scripts/install-cross-deps.sh (as root)" >&2
     exit 1
@@ -94,6 +94,7 @@ if [[ ${TERN_CROSS_SKIP_BUILD:-0} != 1 ]]; then
   env RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
     CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
     CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+    CXX_aarch64_unknown_linux_gnu=aarch64-linux-gnu-g++ \
     AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar \
     BINDGEN_EXTRA_CLANG_ARGS_aarch64_unknown_linux_gnu="--sysroot=$sysroot" \
     /usr/bin/cargo build --locked --release -p tern-device --target "$target" \

@@ -9,7 +9,10 @@
 #                               1.63). A rustup toolchain in ~/.cargo/bin
 #                               stays the default on PATH.
 #   libstd-rust-web-dev:arm64   the aarch64 standard library for that rustc
-#   gcc-aarch64-linux-gnu       the linker (a C compiler driver)
+#   gcc-aarch64-linux-gnu       the linker (a C compiler driver), and the C
+#                               compiler of ring
+#   g++-aarch64-linux-gnu       the C++ compiler of OpenH264 (the `openh264`
+#                               crate's bundled source, feature `rtsp`)
 #   libc6-dev-arm64-cross       aarch64 glibc to link against, and to run
 #                               under qemu, in /usr/aarch64-linux-gnu (only a
 #                               Recommends of the compiler, so named here)
@@ -27,6 +30,7 @@ PACKAGES=(
   cargo-web
   libstd-rust-web-dev:arm64
   gcc-aarch64-linux-gnu
+  g++-aarch64-linux-gnu
   libc6-dev-arm64-cross
   binutils-aarch64-linux-gnu
   qemu-user

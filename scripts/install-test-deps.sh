@@ -11,6 +11,12 @@
 #               the headless browser and its WebDriver server that
 #               crates/device/tests/web_browser.rs drives to check the live
 #               web view of `tern-device run --http`
+#   GStreamer's RTSP server and an H.264 encoder, for the RTSP test of
+#               crates/device/tests/netcam.rs (tests/python/rtsp_server.py,
+#               run by the system /usr/bin/python3): python3-gi,
+#               gir1.2-gst-rtsp-server-1.0, gstreamer1.0-plugins-base
+#               (videotestsrc, videoconvert), -good (rtph264pay), -ugly
+#               (x264enc)
 #
 # Idempotent: when every package is already installed it returns without
 # touching apt. Must run as root (or with sudo available).
@@ -18,7 +24,8 @@
 #   scripts/install-test-deps.sh
 set -euo pipefail
 
-PACKAGES=(mosquitto chromium chromium-driver)
+PACKAGES=(mosquitto chromium chromium-driver python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base
+  gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly)
 
 SUDO=()
 if [[ $(id -u) -ne 0 ]]; then
@@ -50,3 +57,5 @@ echo "mosquitto: $(/usr/sbin/mosquitto -h 2>/dev/null | head -n1 || true)"
 command -v chromium >/dev/null || { echo "error: chromium missing after install" >&2; exit 1; }
 command -v chromedriver >/dev/null || { echo "error: chromedriver missing after install" >&2; exit 1; }
 echo "chromium: $(chromium --version 2>/dev/null || true)"
+/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer" ||
+  { echo "error: GStreamer's RTSP server is not importable from /usr/bin/python3 after install" >&2; exit 1; }

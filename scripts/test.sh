@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite, from nothing: installs what the tests need (venv,
-# libtorch, weights, sample photos, the labelled training sets, mosquitto;
-# each reused when already there), runs every crate's tests, the libtorch
-# host included, then cross-builds tern-device for aarch64 and checks it
-# under qemu against the x86-64 build on the float and int8 ImageNet
-# bundles.
+# libtorch, weights, sample photos, the labelled training sets, mosquitto,
+# chromium, GStreamer's RTSP server; each reused when already there), runs
+# every crate's tests, the libtorch host included, then cross-builds
+# tern-device for aarch64 and checks it under qemu against the x86-64 build
+# on the float and int8 ImageNet bundles.
 #
 #   TERN_SKIP_CROSS=1   skip the aarch64 part (it needs root for apt and
 #                       about 10 minutes of build on two cores)

@@ -10,7 +10,8 @@ use tern_device::netcam::{self, Credentials, NetcamSettings};
 #[derive(clap::Args, Debug, Clone)]
 pub struct NetcamArgs {
     /// A network camera: an HTTP MJPEG stream or JPEG snapshot URL
-    /// (`http://HOST[:PORT]/PATH`). No user name or password in the URL.
+    /// (`http://HOST[:PORT]/PATH`), or an RTSP stream with H.264
+    /// (`rtsp://HOST[:PORT]/PATH`). No user name or password in the URL.
     #[arg(long, group = "source", value_name = "URL")]
     pub url: Option<String>,
     /// User name of the camera (default: $TERN_URL_USERNAME).
@@ -20,8 +21,9 @@ pub struct NetcamArgs {
     /// $TERN_URL_PASSWORD). Never on the command line.
     #[arg(long, value_name = "FILE", requires = "url")]
     pub url_password_file: Option<PathBuf>,
-    /// Seconds to wait for the camera to answer, connect and each read; a
-    /// camera silent for longer is lost and reopened.
+    /// Seconds to wait for the camera to answer, connect and each read (for
+    /// RTSP: each request and each picture); a camera silent for longer is
+    /// lost and reopened.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, requires = "url")]
     pub url_timeout: f64,
     /// Largest picture accepted from the camera, MiB.

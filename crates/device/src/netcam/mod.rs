@@ -1,5 +1,6 @@
 //! Network cameras: an HTTP Motion-JPEG stream or JPEG snapshot URL
-//! ([`http`]), with the same [`FrameSource`] contract as a local camera — a
+//! ([`http`]), or RTSP with H.264 (`rtsp`, with the cargo feature of that
+//! name, on by default), with the same [`FrameSource`] contract as a local camera — a
 //! server that goes away is [`SourceError::Lost`](crate::source::SourceError)
 //! and the run loop reopens it with back-off; an undecodable or oversized
 //! picture is a bad frame.
@@ -18,6 +19,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::source::FrameSource;
 
 pub mod http;
+#[cfg(feature = "rtsp")]
+pub mod rtsp;
 
 /// Environment variable holding the camera's user name.
 pub const ENV_USERNAME: &str = "TERN_URL_USERNAME";
@@ -193,8 +196,12 @@ pub fn redact(url: &str) -> String {
 pub fn open(url: &str, settings: &NetcamSettings) -> Result<Box<dyn FrameSource>> {
     match check_url(url)? {
         Scheme::Http => Ok(Box::new(http::HttpCamera::open(url, settings.clone())?)),
+        #[cfg(feature = "rtsp")]
+        Scheme::Rtsp => Ok(Box::new(rtsp::RtspCamera::open(url, settings.clone())?)),
+        #[cfg(not(feature = "rtsp"))]
         Scheme::Rtsp => bail!(
-            "camera URL {}: RTSP is not supported by this tern-device; use the camera's HTTP MJPEG URL",
+            "camera URL {}: this tern-device was built without RTSP support (--no-default-features); \
+             rebuild with the default features or `--features rtsp`, or use the camera's HTTP MJPEG URL",
             redact(url)
         ),
     }
