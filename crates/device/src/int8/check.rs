@@ -50,7 +50,50 @@ fn reference_requant(acc: i64, m: f32, r: Option<(i8, f32, i32)>, zy: i32, clamp
 
 /// Runs every case; the number of cases checked, or the first mismatch.
 pub fn all() -> TractResult<usize> {
-    Ok(pointwise()? + depthwise()? + add()?)
+    Ok(epilogue()? + pointwise()? + depthwise()? + add()?)
+}
+
+/// The vector epilogue against [`Requant::apply`] and the written-out
+/// reference: runs of every length up to 40 (whole steps and tails), lanes
+/// along channels and along one channel, with and without a residual,
+/// accumulators that round at ties, saturate the clamp and pass ±LIMIT.
+pub(super) fn epilogue() -> TractResult<usize> {
+    use super::epilogue::Lanes;
+    let co = 48;
+    let mut n = 0;
+    for (residual, zy, clamp) in [(false, -128, (-128, 127)), (true, 5, (-128, 127)), (true, -3, (-90, 100))] {
+        let mut rq = requant(co, 64, residual, zy, clamp);
+        // Ties: a multiplier of 1/2 or 1/4 on odd sums gives .5 exactly.
+        rq.multiplier[1] = 0.5;
+        rq.multiplier[2] = 0.25;
+        let b = bytes(4 * co, 21);
+        let acc: Vec<i32> = b.chunks(4).enumerate().map(|(j, q)| match j % 4 {
+            0 => i32::from_le_bytes([q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]) >> 14,
+            1 => i32::from(q[0]) * 3 + 1,
+            2 => i32::from(q[0]) * 1000,
+            _ => i32::from(q[0]) * 61 - 7,
+        }).collect();
+        let r = bytes(co, 22);
+        for len in 0..=40 {
+            for lanes in [Lanes::Channels(co - len), Lanes::Channels(0), Lanes::Channel(1), Lanes::Channel(2), Lanes::Channel(7)] {
+                let (a, res) = (&acc[..len], residual.then_some(&r[..len]));
+                let mut got = vec![0i8; len];
+                rq.run(a, lanes, res, &mut got);
+                for (j, &g) in got.iter().enumerate() {
+                    let c = match lanes {
+                        Lanes::Channels(c0) => c0 + j,
+                        Lanes::Channel(c) => c,
+                    };
+                    let s = i64::from(a[j]) + i64::from(rq.bias[c]);
+                    let want = reference_requant(s, rq.multiplier[c], rq.residual.map(|(m, z)| (r[j], m, z)), zy, clamp);
+                    let by_apply = rq.apply(a[j], c, r[j]);
+                    ensure!(g == want && by_apply == want, "epilogue {lanes:?} of {len} at {j}: {g}, apply {by_apply}, reference {want}");
+                }
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
 }
 
 /// Residual adds: every pair of int8 values, zero points and multipliers
@@ -69,6 +112,10 @@ pub(super) fn add() -> TractResult<usize> {
             let want = (v.clamp(-1024.0, 1024.0).round_ties_even() as i32 + zy).clamp(-128, 127) as i8;
             ensure!(g == want, "{op:?} at {k} ({x} + {y}): {g}, reference {want}");
         }
+        // Offset and shortened: the vector steps off alignment, and a tail.
+        let mut part = vec![0i8; a.len() - 21];
+        op.compute(&a[5..], &b[5..], &mut part, true);
+        ensure!(part[..] == got[5..a.len() - 16], "{op:?}: the offset run differs from the whole");
         n += 1;
     }
     Ok(n)
@@ -130,6 +177,25 @@ fn pointwise_case(ci: usize, co: usize, pixels: usize, i: Layout, o: Layout, res
         // The channel-major tiles without the ISA's kernel.
         op.channel_major_with(&x, residual.then_some(&r[..]), &mut portable, (0, co), false);
         compare(&format!("{case}, portable tiles"), &got, &portable, &want, clamp)?;
+    }
+    if i == PixelMajor || o == PixelMajor {
+        // The direct paths (no transposes) with and without the ISA's
+        // tiles, whole and split at an output row that is no multiple of a
+        // block.
+        let (rows, row) = if o == PixelMajor { (pixels, co) } else { (co, pixels) };
+        let cut = rows / 3;
+        for kernel in [false, true] {
+            let res = residual.then_some(&r[..]);
+            let (a, b) = portable.split_at_mut(cut * row);
+            if i == PixelMajor {
+                op.pixel_major_with(&x, res, a, (0, cut), kernel);
+                op.pixel_major_with(&x, res, b, (cut, rows), kernel);
+            } else {
+                op.channel_to_pixel_with(&x, res, a, (0, cut), kernel);
+                op.channel_to_pixel_with(&x, res, b, (cut, rows), kernel);
+            }
+            compare(&format!("{case}, direct (kernel: {kernel})"), &got, &portable, &want, clamp)?;
+        }
     }
     Ok(())
 }
@@ -209,8 +275,8 @@ fn depthwise_case(g: &Geometry, layout: Layout, residual: bool, zx: i32, zy: i32
     let mut portable = vec![0i8; len];
     let res = residual.then_some(&r[..]);
     match layout {
-        Layout::PixelMajor => op.pixel_major(&x, res, &mut portable, (0, g.out.0)),
-        Layout::ChannelMajor => op.channel_major(&x, res, &mut portable, (0, g.c)),
+        Layout::PixelMajor => op.pixel_major(&x, res, &mut portable, (0, g.out.0), false),
+        Layout::ChannelMajor => op.channel_major(&x, res, &mut portable, (0, g.c), false),
     }
     compare(&format!("{op:?} zx {zx} zy {zy} clamp {clamp:?}"), &got, &portable, &want, clamp)
 }
@@ -240,6 +306,11 @@ mod tests {
     #[test]
     fn depthwise_every_layout_stride_padding_residual_and_clamp_equals_plain_loops() {
         super::depthwise().unwrap();
+    }
+
+    #[test]
+    fn vector_epilogue_equals_apply_at_ties_tails_and_clamps() {
+        super::epilogue().unwrap();
     }
 
     #[test]

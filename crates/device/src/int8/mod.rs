@@ -33,6 +33,7 @@
 mod add;
 pub mod check;
 mod depthwise;
+mod epilogue;
 mod pointwise;
 mod rewrite;
 
@@ -99,8 +100,8 @@ pub fn supported() -> bool {
 }
 
 /// The ISA of the integer kernels on this CPU, in words.
-pub fn kernel_isa() -> &'static str {
-    pointwise::isa()
+pub fn kernel_isa() -> String {
+    format!("{}, epilogue {}", pointwise::isa(), epilogue::isa())
 }
 
 /// The int8 data of a fused op's inputs: the first's, and the residual's

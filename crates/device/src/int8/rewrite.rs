@@ -89,7 +89,11 @@ fn konst(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Tensor>
 
 /// Float weights `[co, …]` that are int8 steps of one scale per output
 /// channel (as `DequantizeLinear` of symmetric int8 weights folds to): the
-/// int8 values and the scales; `None` otherwise.
+/// int8 values and the scales; `None` otherwise. A channel's largest step
+/// is 127 unless its scale was raised (the quantizer does so where the
+/// int32 bias would pass 2²⁴ steps), so the scales `max|w| / top` are
+/// tried from the coarsest (`top` 1) up: the first that fits keeps the
+/// int32 bias as small as the file's.
 fn int8_weights(w: &[f32], co: usize) -> Option<(Vec<i8>, Vec<f32>)> {
     if co == 0 || w.len() % co != 0 {
         return None;
@@ -99,19 +103,33 @@ fn int8_weights(w: &[f32], co: usize) -> Option<(Vec<i8>, Vec<f32>)> {
     let mut scales = Vec::with_capacity(co);
     for row in w.chunks(per) {
         let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-        for &v in row {
-            let k = (v / s).round();
-            // A hundredth of a step: the scale recomputed here may differ from
-            // the file's by an ulp, which moves `k·s` by up to 127 ulps.
-            if !(-127.0..=127.0).contains(&k) || (k * s - v).abs() > 0.01 * s {
-                return None;
-            }
-            q.push(k as i8);
+        if amax == 0.0 {
+            q.extend(std::iter::repeat_n(0i8, per));
+            scales.push(1.0);
+            continue;
         }
+        // A hundredth of the finest step there can be: the scale recomputed
+        // here may differ from the file's by an ulp, which moves `k·s` by up
+        // to 127 ulps, far less.
+        let eps = 0.01 * amax / 127.0;
+        let (steps, s) = (1..=127u8).find_map(|top| {
+            let s = amax / f32::from(top);
+            int8_steps(row, s, eps).map(|k| (k, s))
+        })?;
+        q.extend(steps);
         scales.push(s);
     }
     Some((q, scales))
+}
+
+/// `row` as int8 multiples of `s`, each within `eps` of its value, if it is.
+fn int8_steps(row: &[f32], s: f32, eps: f32) -> Option<Vec<i8>> {
+    row.iter()
+        .map(|&v| {
+            let k = (v / s).round();
+            ((-127.0..=127.0).contains(&k) && (k * s - v).abs() <= eps).then_some(k as i8)
+        })
+        .collect()
 }
 
 /// The int32 bias of `b` (float, `co` values or one) at scales `sx·ws[c]`.
@@ -321,4 +339,30 @@ fn pointwise_axes(einsum: &EinSum, x: &[usize], y: &[usize], ci: usize, co: usiz
         }
     };
     Some((layout(&xl, i)?, layout(&yl, o)?, pixels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::int8_weights;
+
+    #[test]
+    fn weights_with_a_raised_scale_or_all_zero_are_int8_steps() {
+        // Row 0 spans ±127 steps of 0.01; row 1 only ±25 steps of 0.003 (a
+        // raised scale; also ±125 steps of 0.0006, but the coarsest scale
+        // that fits comes first); row 2 is zero; row 3 is not steps of any
+        // scale. [1.27, 0.64] is not 2 and 1 steps of 0.635 (0.64 is 0.005
+        // from 0.635, half a step of 0.01): every value is kept within a
+        // hundredth of the finest step.
+        let w = [1.27, -0.5, 0.01, 0.075, -0.003, 0.069, 0.0, 0.0, 0.0, 1.0, 0.5037, 0.3];
+        let (q, s) = int8_weights(&w[..9], 3).unwrap();
+        assert_eq!(q, [127, -50, 1, 25, -1, 23, 0, 0, 0]);
+        for (k, (&q, &w)) in q.iter().zip(&w[..9]).enumerate() {
+            assert!((f32::from(q) * s[k / 3] - w).abs() <= 1e-6, "{k}: {q} × {} ≠ {w}", s[k / 3]);
+        }
+        assert!(int8_weights(&w, 4).is_none());
+        let (q, s) = int8_weights(&[1.27, 0.64, 0.0], 1).unwrap();
+        for (&q, w) in q.iter().zip([1.27f32, 0.64, 0.0]) {
+            assert!((f32::from(q) * s[0] - w).abs() <= 1e-4, "{q} × {} ≠ {w}", s[0]);
+        }
+    }
 }

@@ -1,7 +1,12 @@
-//! [`QPointwise`]: a 1×1 convolution of int8 activations (channel-last in
-//! and out) with per-channel int8 weights, requantized to int8; the
-//! portable loops here, the channel-major tile per ISA beside them
-//! (`avx2`: `VPMADDWD`; `neon`: `SMLAL` by lane).
+//! [`QPointwise`]: a 1×1 convolution of int8 activations (channel-last or
+//! channel-first in and out) with per-channel int8 weights, requantized to
+//! int8; the portable loops here, the tiles per ISA beside them (`avx2`:
+//! the channel-first tile by `VPMADDWD`; `neon`: the channel-first tile by
+//! `SMLAL` by lane, the channel-last one by `SDOT` or `SMULL`/`SADALP`).
+//! Channel-last in and out (the layout tract's declutter gives the 1×1
+//! layers between channel-last depthwise ones) runs in place where the
+//! CPU has a channel-last tile (aarch64); elsewhere, and for mixed
+//! layouts, through the channel-first tile and transposes.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -14,6 +19,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 
+use super::epilogue::Lanes;
 use super::{operands, Requant};
 use crate::fused::Layout;
 
@@ -21,6 +27,10 @@ use crate::fused::Layout;
 const TP: usize = 16;
 /// Output channels of one tile of the channel-major kernel.
 const TC: usize = 4;
+/// Pixels of one tile of the channel-last (pixel-major) kernel.
+const PB: usize = 4;
+/// Output channels of one tile of the channel-last kernel.
+const CB: usize = 4;
 
 /// Element strides `(pixel, channel)` of a `pixels × channels` tensor.
 fn strides(layout: Layout, pixels: usize, channels: usize) -> (usize, usize) {
@@ -51,6 +61,12 @@ pub struct QPointwise {
     /// Tile `t`, input channels `2kk, 2kk + 1`, lane `j`: the two weights
     /// of channel `TC·t + j` as one i32 of two i16 (AVX2's pairs).
     pairs: Arc<Vec<i32>>,
+    /// The channel-last tile's weights: row `c` (`kp` values, the input
+    /// channels, zeros past `ci`) for `c` up to `co` rounded up to [`CB`]
+    /// (zero rows past `co`).
+    rows: Arc<Vec<i8>>,
+    /// `ci` rounded up to 16.
+    kp: usize,
     requant: Arc<Requant>,
 }
 
@@ -73,8 +89,8 @@ impl std::fmt::Debug for QPointwise {
 
 /// The ISA of the kernel [`QPointwise`] runs on this CPU.
 pub(super) fn isa() -> &'static str {
-    if cfg!(target_arch = "aarch64") {
-        "neon (smlal)"
+    if let Some(k) = rows_kernel() {
+        k.name()
     } else if has_avx2() {
         "avx2 (vpmaddwd)"
     } else {
@@ -90,6 +106,44 @@ fn has_avx2() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// The channel-last tiles of this CPU.
+#[derive(Debug, Clone, Copy)]
+enum RowsKernel {
+    /// `SDOT` (aarch64 with dotprod).
+    #[cfg(target_arch = "aarch64")]
+    Sdot,
+    /// `SMULL`/`SMLAL2`/`SADALP` (any aarch64).
+    #[cfg(target_arch = "aarch64")]
+    Mull,
+}
+
+impl RowsKernel {
+    fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "aarch64")]
+            RowsKernel::Sdot => "neon (sdot; smlal channel-first)",
+            #[cfg(target_arch = "aarch64")]
+            RowsKernel::Mull => "neon (smull/sadalp; smlal channel-first)",
+        }
+    }
+}
+
+/// This CPU's channel-last tile, if it has one.
+fn rows_kernel() -> Option<RowsKernel> {
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("dotprod") {
+            Some(RowsKernel::Sdot)
+        } else {
+            Some(RowsKernel::Mull)
+        }
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        None
     }
 }
 
@@ -113,6 +167,8 @@ impl QPointwise {
         ensure!(weights.len() == ci * co, "{} weights for {ci}→{co} channels", weights.len());
         ensure!(out_shape.iter().product::<usize>() == pixels * co, "output {out_shape:?} for {pixels}×{co}");
         ensure!((-128..=127).contains(&x_zero_point), "input zero point {x_zero_point}");
+        // SMULL/SMLAL2 add two products in i16: exact for weights within ±127.
+        ensure!(weights.iter().all(|&w| w != i8::MIN), "a weight is -128 (symmetric int8 weights are within ±127)");
         ensure!(requant.bias.len() == co, "{} biases for {co} channels", requant.bias.len());
         for (c, b) in requant.bias.iter_mut().enumerate() {
             let sum: i64 = weights[c * ci..][..ci].iter().map(|&w| i64::from(w)).sum();
@@ -137,6 +193,11 @@ impl QPointwise {
                 }
             }
         }
+        let kp = ci.div_ceil(16) * 16;
+        let mut rows = vec![0i8; co.div_ceil(CB) * CB * kp];
+        for (c, w) in weights.chunks_exact(ci).enumerate() {
+            rows[c * kp..][..ci].copy_from_slice(w);
+        }
         Ok(QPointwise {
             ci,
             co,
@@ -147,6 +208,8 @@ impl QPointwise {
             weights: Arc::new(weights.to_vec()),
             tiles: Arc::new(tiles),
             pairs: Arc::new(pairs),
+            rows: Arc::new(rows),
+            kp,
             requant: Arc::new(requant),
         })
     }
@@ -165,38 +228,17 @@ impl QPointwise {
     pub(super) fn channel_major_with(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
         let (ci, co, n) = (self.ci, self.co, self.pixels);
         let whole = n / TP * TP;
-        #[cfg(target_arch = "x86_64")]
-        let kp = ci.div_ceil(2);
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = kernel && has_avx2();
         let mut c0 = rows.0;
         while c0 < rows.1 {
             // The tile holding channel c0, and the channels of it in range.
             let t = c0 / TC;
             let c1 = rows.1.min((t + 1) * TC).min(co);
-            let w = &self.tiles[t * ci * TC..][..ci * TC];
             for p0 in (0..whole).step_by(TP) {
-                let tile_x = &x[p0..(ci - 1) * n + p0 + TP];
-                #[allow(unused_mut)]
-                let mut acc = None;
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: AVX2 checked; `tile_x` (sliced) holds ci rows of n with TP
-                    // values from each row start; the pairs slice holds kp × TC values.
-                    acc = Some(unsafe { avx2::tile(tile_x.as_ptr(), n, ci, &self.pairs[t * kp * TC..][..kp * TC]) });
-                }
-                #[cfg(target_arch = "aarch64")]
-                if kernel {
-                    // SAFETY: `tile_x` holds ci rows of n with TP values from
-                    // each row start; `w` holds ci × TC weights.
-                    acc = Some(unsafe { neon::tile(tile_x.as_ptr(), n, ci, w) });
-                }
-                let acc = acc.unwrap_or_else(|| portable_tile(tile_x, n, ci, w));
+                let acc = self.channel_tile(&x[p0..(ci - 1) * n + p0 + TP], t, kernel);
                 for c in c0..c1 {
                     let o = &mut out[(c - rows.0) * n + p0..][..TP];
-                    for (j, (o, &a)) in o.iter_mut().zip(&acc[c % TC]).enumerate() {
-                        *o = self.requant.apply(a, c, residual.map_or(0, |r| r[c * n + p0 + j]));
-                    }
+                    let r = residual.map(|r| &r[c * n + p0..][..TP]);
+                    self.requant.run_with(&acc[c % TC], Lanes::Channel(c), r, o, kernel);
                 }
             }
             for c in c0..c1 {
@@ -208,6 +250,143 @@ impl QPointwise {
             }
             c0 = c1;
         }
+    }
+
+    /// Channel-last in, output rows `rows.0..rows.1` (pixels channel-last,
+    /// channels channel-first): blocks of [`PB`] pixels, each against tiles
+    /// of [`CB`] output channels (the pixels' rows stay in cache while the
+    /// weights stream past), by this CPU's channel-last tile or (`kernel`
+    /// false, or none) the portable tile; then the sums requantized a
+    /// pixel's channels at a time (channel-last out) or a channel's [`TP`]
+    /// pixels at a time (channel-first out, blocks of [`TP`] pixels).
+    pub(super) fn pixel_major_with(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
+        let (ci, co, n) = (self.ci, self.co, self.pixels);
+        let cb = co.div_ceil(CB) * CB;
+        let tile = if kernel { rows_kernel() } else { None };
+        // The rows of pixels p0.. (past the last pixel, the block repeats it;
+        // those sums are unused).
+        let block = |p0: usize, np: usize| -> [&[i8]; PB] { std::array::from_fn(|i| &x[(p0 + i.min(np - 1)) * ci..][..ci]) };
+        if self.output == Layout::PixelMajor {
+            let mut acc = vec![0i32; PB * cb];
+            let mut p0 = rows.0;
+            while p0 < rows.1 {
+                let np = PB.min(rows.1 - p0);
+                let xs = block(p0, np);
+                for t in 0..cb / CB {
+                    for (p, s) in self.rows_tile(tile, &xs, t).iter().enumerate() {
+                        acc[p * cb + t * CB..][..CB].copy_from_slice(s);
+                    }
+                }
+                for i in 0..np {
+                    let p = p0 + i;
+                    let r = residual.map(|r| &r[p * co..][..co]);
+                    self.requant.run_with(&acc[i * cb..][..co], Lanes::Channels(0), r, &mut out[(p - rows.0) * co..][..co], kernel);
+                }
+                p0 += np;
+            }
+            return;
+        }
+        // Channel-first out: rows are channels c0..c1, in tiles t0..t1.
+        let (c0, c1) = rows;
+        if c0 >= c1 {
+            return;
+        }
+        let (t0, t1) = (c0 / CB, (c1 - 1) / CB + 1);
+        let mut acc = vec![0i32; (t1 - t0) * CB * TP];
+        for p0 in (0..n).step_by(TP) {
+            let np = TP.min(n - p0);
+            for q in (0..np).step_by(PB) {
+                let xs = block(p0 + q, PB.min(np - q));
+                for t in t0..t1 {
+                    for (p, s) in self.rows_tile(tile, &xs, t).iter().enumerate().take(np - q) {
+                        for (j, &v) in s.iter().enumerate() {
+                            acc[((t - t0) * CB + j) * TP + q + p] = v;
+                        }
+                    }
+                }
+            }
+            for c in c0..c1 {
+                let r = residual.map(|r| &r[c * n + p0..][..np]);
+                let a = &acc[(c - t0 * CB) * TP..][..np];
+                self.requant.run_with(a, Lanes::Channel(c), r, &mut out[(c - c0) * n + p0..][..np], kernel);
+            }
+        }
+    }
+
+    /// The sums of pixel rows `xs` against output channel tile `t`.
+    fn rows_tile(&self, tile: Option<RowsKernel>, xs: &[&[i8]; PB], t: usize) -> [[i32; CB]; PB] {
+        let kp = self.kp;
+        let w = &self.rows[t * CB * kp..][..CB * kp];
+        match tile {
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: dotprod detected; each row of `xs` holds ci values, `w`
+            // holds CB rows of kp (ci rounded up to 16, zeros past ci).
+            Some(RowsKernel::Sdot) => unsafe { neon::rows_sdot(&xs.map(|r| r.as_ptr()), self.ci, w.as_ptr(), kp) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above; the weights are within ±127 (checked in new()).
+            Some(RowsKernel::Mull) => unsafe { neon::rows_mull(&xs.map(|r| r.as_ptr()), self.ci, w.as_ptr(), kp) },
+            None => portable_rows(xs, w, kp),
+        }
+    }
+
+    /// Channel-first in, channel-last out, output pixels `rows.0..rows.1`:
+    /// blocks of [`TP`] pixels, each through the channel-first tile of
+    /// every [`TC`] output channels (this CPU's, or the portable one with
+    /// `kernel` false), the block's sums then requantized a pixel's
+    /// channels at a time; a block that is not whole (at the ends of the
+    /// rows or of the tensor) in plain loops.
+    pub(super) fn channel_to_pixel_with(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
+        let (ci, co, n) = (self.ci, self.co, self.pixels);
+        let mut acc = vec![0i32; TP * co];
+        let mut p0 = rows.0;
+        while p0 < rows.1 {
+            let np = TP.min(rows.1 - p0);
+            if np == TP {
+                for t in 0..co.div_ceil(TC) {
+                    let sums = self.channel_tile(&x[p0..(ci - 1) * n + p0 + TP], t, kernel);
+                    for (j, s) in sums.iter().enumerate().take(co - t * TC) {
+                        for (p, &v) in s.iter().enumerate() {
+                            acc[p * co + t * TC + j] = v;
+                        }
+                    }
+                }
+            } else {
+                for p in 0..np {
+                    for c in 0..co {
+                        let w = &self.weights[c * ci..][..ci];
+                        acc[p * co + c] = w.iter().enumerate().fold(0i32, |a, (k, &w)| a + i32::from(x[k * n + p0 + p]) * i32::from(w));
+                    }
+                }
+            }
+            for p in 0..np {
+                let r = residual.map(|r| &r[(p0 + p) * co..][..co]);
+                self.requant.run_with(&acc[p * co..][..co], Lanes::Channels(0), r, &mut out[(p0 + p - rows.0) * co..][..co], kernel);
+            }
+            p0 += np;
+        }
+    }
+
+    /// The sums of channel tile `t` over the [`TP`] pixels from the start of
+    /// `tile_x` (`ci` rows of `n`), by this CPU's kernel or (`kernel` false)
+    /// in plain loops.
+    fn channel_tile(&self, tile_x: &[i8], t: usize, kernel: bool) -> [[i32; TP]; TC] {
+        let (ci, n) = (self.ci, self.pixels);
+        let w = &self.tiles[t * ci * TC..][..ci * TC];
+        #[cfg(target_arch = "x86_64")]
+        if kernel && has_avx2() {
+            let kp = ci.div_ceil(2);
+            // SAFETY: AVX2 checked; `tile_x` holds ci rows of n with TP values
+            // from each row start; the pairs slice holds kp × TC values.
+            return unsafe { avx2::tile(tile_x.as_ptr(), n, ci, &self.pairs[t * kp * TC..][..kp * TC]) };
+        }
+        #[cfg(target_arch = "aarch64")]
+        if kernel {
+            // SAFETY: `tile_x` holds ci rows of n with TP values from each row
+            // start; `w` holds ci × TC weights.
+            return unsafe { neon::tile(tile_x.as_ptr(), n, ci, w) };
+        }
+        let _ = kernel;
+        portable_tile(tile_x, n, ci, w)
     }
 
     /// The same arithmetic in plain loops over any layout, output rows
@@ -248,6 +427,18 @@ fn portable_tile(x: &[i8], n: usize, ci: usize, w: &[i16]) -> [[i32; TP]; TC] {
     acc
 }
 
+/// The sums of [`PB`] channel-last pixel rows against [`CB`] weight rows of
+/// `kp` values, in plain loops.
+fn portable_rows(x: &[&[i8]; PB], w: &[i8], kp: usize) -> [[i32; CB]; PB] {
+    let mut acc = [[0i32; CB]; PB];
+    for (a, x) in acc.iter_mut().zip(x) {
+        for (c, a) in a.iter_mut().enumerate() {
+            *a = x.iter().zip(&w[c * kp..]).map(|(&x, &w)| i32::from(x) * i32::from(w)).sum();
+        }
+    }
+    acc
+}
+
 impl Op for QPointwise {
     fn name(&self) -> StaticName {
         "TernQPointwise".into()
@@ -271,7 +462,41 @@ impl EvalOp for QPointwise {
         let (x, res) = operands(self, &inputs, self.requant.residual.is_some(), &self.out_shape)?;
         let (n, ci, co) = (self.pixels, self.ci, self.co);
         ensure!(x.len() == n * ci, "{self:?} given a {:?} input", inputs[0].shape());
-        // The tiles run channel-first: a channel-last input (and residual)
+        if self.input == Layout::ChannelMajor && self.output == Layout::PixelMajor && rows_kernel().is_some() {
+            // The channel-last tile is several times the channel-first one
+            // where there is one (SDOT: 16 multiply-adds an instruction, against
+            // SMLAL's 4), worth one pass over the input (ci values a pixel,
+            // against co·ci multiply-adds) to put it channel-last.
+            let xt = transpose(x, ci, n);
+            let mut out = vec![0i8; n * co];
+            par_chunks_mut(&mut out, co, n * ci * co, |first, chunk| {
+                self.pixel_major_with(&xt, res, chunk, (first, first + chunk.len() / co), true);
+                Ok(())
+            })?;
+            return Ok(tvec!(Tensor::from_shape(&self.out_shape, &out)?.into_tvalue()));
+        }
+        let direct = match (self.input, self.output) {
+            (Layout::PixelMajor, _) => rows_kernel().is_some(),
+            (Layout::ChannelMajor, Layout::PixelMajor) => true,
+            (Layout::ChannelMajor, Layout::ChannelMajor) => false,
+        };
+        if direct {
+            // Each op reads and writes where the tensors lie: one output row
+            // (a pixel channel-last, a channel channel-first) per chunk row;
+            // `first` is the chunk's first.
+            let row = if self.output == Layout::PixelMajor { co } else { n };
+            let mut out = vec![0i8; n * co];
+            par_chunks_mut(&mut out, row, n * ci * co, |first, chunk| {
+                let rows = (first, first + chunk.len() / row);
+                match self.input {
+                    Layout::PixelMajor => self.pixel_major_with(x, res, chunk, rows, true),
+                    Layout::ChannelMajor => self.channel_to_pixel_with(x, res, chunk, rows, true),
+                }
+                Ok(())
+            })?;
+            return Ok(tvec!(Tensor::from_shape(&self.out_shape, &out)?.into_tvalue()));
+        }
+        // The channel-first tiles: a channel-last input (and residual)
         // is transposed once, and a channel-last output at the end; each
         // costs a pass over one tensor against ci (or co) multiply-adds per
         // value.

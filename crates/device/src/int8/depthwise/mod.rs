@@ -1,6 +1,10 @@
-//! [`QDepthwise`]: a channel-last depthwise convolution of int8
-//! activations with per-channel int8 weights, requantized to int8; the
-//! portable loops here.
+//! [`QDepthwise`]: a depthwise convolution of int8 activations
+//! (channel-last or channel-first) with per-channel int8 weights,
+//! requantized to int8; the portable loops here, the channel-last kernel
+//! in NEON beside them (`neon`), the requantization by the vector epilogue.
+
+#[cfg(target_arch = "aarch64")]
+mod neon;
 
 use std::sync::Arc;
 
@@ -8,6 +12,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 
+use super::epilogue::Lanes;
 use super::{operands, Requant};
 use crate::fused::{Geometry, Layout};
 
@@ -71,8 +76,8 @@ impl QDepthwise {
     /// (those rows).
     fn compute(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
         match self.layout {
-            Layout::PixelMajor => self.pixel_major(x, residual, out, rows),
-            Layout::ChannelMajor => self.channel_major(x, residual, out, rows),
+            Layout::PixelMajor => self.pixel_major(x, residual, out, rows, true),
+            Layout::ChannelMajor => self.channel_major(x, residual, out, rows, true),
         }
     }
 
@@ -80,7 +85,7 @@ impl QDepthwise {
     /// row at a time, each kernel tap added to the whole row (the columns
     /// where it falls inside the input) so the inner loop runs over
     /// contiguous outputs.
-    pub(super) fn channel_major(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], channels: (usize, usize)) {
+    pub(super) fn channel_major(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], channels: (usize, usize), vector: bool) {
         let g = &self.geometry;
         let (c, (kh, kw), (sy, sx)) = (g.c, g.kernel, g.strides);
         let (plane, oplane, ow) = (g.h * g.w, g.out.0 * g.out.1, g.out.1);
@@ -117,42 +122,58 @@ impl QDepthwise {
                     }
                 }
                 let base = oy * ow;
-                for (ox, &a) in acc.iter().enumerate() {
-                    o[base + ox] = self.requant.apply(a, ch, residual.map_or(0, |r| r[ch * oplane + base + ox]));
-                }
+                let r = residual.map(|r| &r[ch * oplane + base..][..ow]);
+                self.requant.run_with(&acc, Lanes::Channel(ch), r, &mut o[base..][..ow], vector);
             }
         }
     }
 
-    /// Channel-last, output rows `oy0..oy1`: every channel of a position at once.
-    pub(super) fn pixel_major(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
+    /// Channel-last, output rows `oy0..oy1`: every channel of a position at
+    /// once, by the NEON kernel where there is one and `kernel` is set (the
+    /// channels past the last 16 in plain loops), then the position's
+    /// channels requantized together (the vector epilogue with `kernel`).
+    pub(super) fn pixel_major(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
         let g = &self.geometry;
         let (c, (_, kw)) = (g.c, g.kernel);
         let zx = self.x_zero_point;
         let mut acc = vec![0i32; c];
         let mut at = 0;
+        #[allow(unused_mut)]
+        let mut c16 = 0;
+        #[cfg(target_arch = "aarch64")]
+        if kernel {
+            c16 = c / 16 * 16;
+        }
         for oy in rows.0..rows.1 {
             let (ky0, ky1) = inside(oy * g.strides.0, g.pad.0, g.kernel.0, g.h);
             for ox in 0..g.out.1 {
                 let (kx0, kx1) = inside(ox * g.strides.1, g.pad.1, kw, g.w);
                 acc.fill(0);
+                #[cfg(target_arch = "aarch64")]
+                if c16 > 0 && ky1 > ky0 && kx1 > kx0 {
+                    let first = ((oy * g.strides.0 + ky0 - g.pad.0) * g.w + ox * g.strides.1 + kx0 - g.pad.1) * c;
+                    let taps = neon::Taps { ky: ky1 - ky0, kx: kx1 - kx0, row: g.w * c, wrow: kw * c, c };
+                    let xs = &x[first..][..(taps.ky - 1) * taps.row + (taps.kx - 1) * c + c];
+                    let ws = &self.weights[(ky0 * kw + kx0) * c..][..(taps.ky - 1) * taps.wrow + (taps.kx - 1) * c + c];
+                    // SAFETY: `xs` and `ws` are sliced to the last tap's last channel
+                    // (i < ky, j < kx, ch < c16 ≤ c); `acc` holds c ≥ c16 values.
+                    unsafe { neon::position(xs.as_ptr(), ws.as_ptr(), &taps, zx as i8, c16, acc.as_mut_ptr()) };
+                }
                 for ky in ky0..ky1 {
                     let iy = oy * g.strides.0 + ky - g.pad.0;
                     for kx in kx0..kx1 {
                         let ix = ox * g.strides.1 + kx - g.pad.1;
-                        let xs = &x[(iy * g.w + ix) * c..][..c];
-                        let ws = &self.weights[(ky * kw + kx) * c..][..c];
-                        for ((a, &x), &w) in acc.iter_mut().zip(xs).zip(ws) {
+                        let xs = &x[(iy * g.w + ix) * c + c16..(iy * g.w + ix + 1) * c];
+                        let ws = &self.weights[(ky * kw + kx) * c + c16..(ky * kw + kx + 1) * c];
+                        for ((a, &x), &w) in acc[c16..].iter_mut().zip(xs).zip(ws) {
                             *a += (i32::from(x) - zx) * i32::from(w);
                         }
                     }
                 }
                 let base = (oy * g.out.1 + ox) * c;
-                for (ch, &a) in acc.iter().enumerate() {
-                    let r = residual.map_or(0, |r| r[base + ch]);
-                    out[at] = self.requant.apply(a, ch, r);
-                    at += 1;
-                }
+                let r = residual.map(|r| &r[base..][..c]);
+                self.requant.run_with(&acc, Lanes::Channels(0), r, &mut out[at..][..c], kernel);
+                at += c;
             }
         }
     }
