@@ -17,6 +17,7 @@ pub mod netcam;
 pub mod reload;
 pub mod roi;
 pub mod runloop;
+pub mod secret;
 pub mod smooth;
 pub mod snapshot;
 pub mod source;

@@ -44,7 +44,6 @@
 
 use std::collections::hash_map::RandomState;
 use std::collections::VecDeque;
-use std::fmt;
 use std::hash::BuildHasher;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -63,6 +62,8 @@ use serde_json::Value;
 
 use crate::events::{now_ms, Event, FrameView, Sink};
 use crate::ha::{HaDiscovery, MAX_BINARY_SENSORS};
+pub use crate::secret::Password;
+use crate::secret::Sources;
 
 /// Where to publish: `mqtt://host:1883/tern/kitchen-pi`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,44 +177,6 @@ impl TlsFiles {
     }
 }
 
-/// A password; its `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Password(String);
-
-impl Password {
-    /// Wraps a password.
-    pub fn new(password: String) -> Password {
-        Password(password)
-    }
-
-    /// Reads the first line of `path` (its line ending dropped).
-    pub fn from_file(path: &Path) -> Result<Password> {
-        let bytes =
-            read_limited(path, MAX_PASSWORD_FILE).with_context(|| format!("MQTT password file {}", path.display()))?;
-        let text =
-            String::from_utf8(bytes).map_err(|_| anyhow!("MQTT password file {}: not UTF-8 text", path.display()))?;
-        let line = text.lines().next().unwrap_or("");
-        if line.is_empty() {
-            bail!("MQTT password file {}: the first line is empty", path.display());
-        }
-        if line.len() > u16::MAX as usize {
-            bail!("MQTT password file {}: longer than MQTT's 65535 bytes", path.display());
-        }
-        Ok(Password(line.to_owned()))
-    }
-
-    /// The password itself.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Password(<redacted>)")
-    }
-}
-
 /// User name and optional password sent in the MQTT CONNECT packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -228,8 +191,6 @@ pub const ENV_USERNAME: &str = "TERN_MQTT_USERNAME";
 /// Environment variable holding the MQTT password.
 pub const ENV_PASSWORD: &str = "TERN_MQTT_PASSWORD";
 
-/// Largest password file read.
-const MAX_PASSWORD_FILE: u64 = 64 * 1024;
 /// Largest certificate or key file read.
 const MAX_PEM_FILE: u64 = 1024 * 1024;
 
@@ -244,31 +205,25 @@ impl Credentials {
         password_file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<Credentials>> {
-        let username = username.or_else(|| env(ENV_USERNAME)).filter(|u| !u.is_empty());
-        let env_password = env(ENV_PASSWORD).filter(|p| !p.is_empty());
-        let password = match (password_file, env_password) {
-            (Some(f), Some(_)) => bail!(
-                "MQTT password given twice, in {} (--mqtt-password-file) and in {ENV_PASSWORD}: keep one",
-                f.display()
-            ),
-            (Some(f), None) => Some(Password::from_file(f)?),
-            (None, Some(p)) => Some(Password::new(p)),
-            (None, None) => None,
-        };
-        match (username, password) {
-            (None, None) => Ok(None),
-            (None, Some(_)) => {
-                bail!("an MQTT password needs a user name: --mqtt-username NAME or {ENV_USERNAME}")
-            }
-            (Some(u), password) => {
-                if u.len() > u16::MAX as usize {
-                    bail!("MQTT user name longer than MQTT's 65535 bytes");
-                }
-                Ok(Some(Credentials { username: u, password }))
-            }
+        let (Some(username), password) = SOURCES.gather(username, password_file, env)? else { return Ok(None) };
+        if username.len() > u16::MAX as usize {
+            bail!("MQTT user name longer than MQTT's 65535 bytes");
         }
+        if password.as_ref().is_some_and(|p| p.expose().len() > u16::MAX as usize) {
+            bail!("MQTT password longer than MQTT's 65535 bytes");
+        }
+        Ok(Some(Credentials { username, password }))
     }
 }
+
+/// Where the broker's credentials come from.
+const SOURCES: Sources = Sources {
+    service: "MQTT",
+    username_flag: "--mqtt-username",
+    username_env: ENV_USERNAME,
+    password_flag: "--mqtt-password-file",
+    password_env: ENV_PASSWORD,
+};
 
 /// Settings of the MQTT sink.
 #[derive(Debug, Clone)]

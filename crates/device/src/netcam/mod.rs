@@ -9,13 +9,13 @@
 //! refused, and [`Credentials::resolve`] reads the password from a file or
 //! from [`ENV_PASSWORD`].
 
-use std::fmt;
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 
+pub use crate::secret::Password;
+use crate::secret::Sources;
 use crate::source::FrameSource;
 
 pub mod http;
@@ -26,9 +26,6 @@ pub mod rtsp;
 pub const ENV_USERNAME: &str = "TERN_URL_USERNAME";
 /// Environment variable holding the camera's password.
 pub const ENV_PASSWORD: &str = "TERN_URL_PASSWORD";
-
-/// Largest password file read.
-const MAX_PASSWORD_FILE: u64 = 64 * 1024;
 
 /// Default largest picture accepted from a network camera (16 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
@@ -61,23 +58,6 @@ impl Default for NetcamSettings {
     }
 }
 
-/// A camera password, never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Password(String);
-
-impl Password {
-    /// The password itself.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Password {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Password(<redacted>)")
-    }
-}
-
 /// User name and password of a network camera.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
@@ -98,20 +78,8 @@ impl Credentials {
         password_file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<Credentials>> {
-        let username = username.or_else(|| env(ENV_USERNAME)).filter(|u| !u.is_empty());
-        let env_password = env(ENV_PASSWORD).filter(|p| !p.is_empty());
-        let password = match (password_file, env_password) {
-            (Some(f), Some(_)) => bail!(
-                "camera password given twice, in {} (--url-password-file) and in {ENV_PASSWORD}: keep one",
-                f.display()
-            ),
-            (Some(f), None) => Some(read_password(f)?),
-            (None, Some(p)) => Some(Password(p)),
-            (None, None) => None,
-        };
-        match (username, password) {
-            (None, None) => Ok(None),
-            (None, Some(_)) => bail!("a camera password needs a user name: --url-username NAME or {ENV_USERNAME}"),
+        match SOURCES.gather(username, password_file, env)? {
+            (None, _) => Ok(None),
             (Some(_), None) => bail!(
                 "camera user name given without a password: --url-password-file FILE or {ENV_PASSWORD}"
             ),
@@ -125,21 +93,14 @@ impl Credentials {
     }
 }
 
-fn read_password(path: &Path) -> Result<Password> {
-    let file = std::fs::File::open(path).with_context(|| format!("cannot open camera password file {}", path.display()))?;
-    let mut text = String::new();
-    file.take(MAX_PASSWORD_FILE + 1)
-        .read_to_string(&mut text)
-        .with_context(|| format!("cannot read camera password file {} (UTF-8 text expected)", path.display()))?;
-    if text.len() as u64 > MAX_PASSWORD_FILE {
-        bail!("camera password file {}: over {MAX_PASSWORD_FILE} bytes", path.display());
-    }
-    let line = text.lines().next().unwrap_or("").trim_end_matches('\r');
-    if line.is_empty() {
-        bail!("camera password file {}: the first line is empty", path.display());
-    }
-    Ok(Password(line.to_owned()))
-}
+/// Where a camera's credentials come from.
+const SOURCES: Sources = Sources {
+    service: "camera",
+    username_flag: "--url-username",
+    username_env: ENV_USERNAME,
+    password_flag: "--url-password-file",
+    password_env: ENV_PASSWORD,
+};
 
 /// What kind of network camera a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
