@@ -142,7 +142,11 @@ fn discovery_configs_are_retained_and_the_state_follows_the_label() {
     labelled_bundle(&bundle, &labels, 10.0);
     let live = Subscriber::start(broker.port, "ha-live", "#");
     let url = format!("mqtt://127.0.0.1:{}/tern/porch", broker.port);
-    tern_device_run(&bundle, &["--synthetic", "red*4,green*4,blue*4", "--mqtt", &url, "--ha-discovery"]);
+    // Paced: the state topic is retained and latest-wins (a state not yet
+    // sent is replaced by the next), so each colour lasts 0.8 s for its
+    // state to go out; unpaced, the 12 frames can all pass before the
+    // connection is up and only the last state is ever published.
+    tern_device_run(&bundle, &["--synthetic", "red*4,green*4,blue*4", "--fps", "5", "--mqtt", &url, "--ha-discovery"]);
 
     // Home Assistant arriving later reads the retained configs.
     let late = Subscriber::start(broker.port, "ha-late", "homeassistant/#");
