@@ -386,6 +386,9 @@ fn the_page_shows_the_latest_snapshot() {
         let now = d.status(None);
         if now["snapshot"]["name"] == name.as_str() {
             assert!(m[rgb] > 150.0 && m[1 - rgb] < 100.0, "{label} snapshot, mean colour {m:?}");
+            // Encoded once, then served as is.
+            let again = get_bytes(&d.url("/snapshot.jpg")).expect("GET /snapshot.jpg again");
+            assert!(again == jpeg || d.status(None)["snapshot"]["name"] != name.as_str(), "the same snapshot re-encoded differently");
         }
         let end = Instant::now() + Duration::from_secs(10);
         while !std::path::Path::new(&name).is_file() {

@@ -453,22 +453,31 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
     )
 }
 
-/// `GET /snapshot.jpg`: the frame of the newest snapshot, encoded here (off
-/// the inference thread) when asked for; 404 before the first.
+/// `GET /snapshot.jpg`: the frame of the newest snapshot, encoded off the
+/// inference thread by the first request for it and kept for the rest;
+/// 404 before the first.
 async fn snapshot(State(app): State<App>) -> Response {
     let Some(latest) = app.shared.live().snapshot.clone() else {
         return error(StatusCode::NOT_FOUND, "no snapshot yet (run with --snapshot-dir; one is taken when the label changes)");
     };
-    let encoded = tokio::task::spawn_blocking(move || {
-        let mut jpeg = Vec::with_capacity(latest.image.len() / 8 + 1024);
-        JpegEncoder::new_with_quality(&mut std::io::Cursor::new(&mut jpeg), 85).encode_image(&*latest.image).map(|()| jpeg)
-    })
-    .await;
-    match encoded {
-        Ok(Ok(jpeg)) => ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "no-cache")], jpeg).into_response(),
-        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the snapshot: {e}")),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the encoding task failed"),
-    }
+    let jpeg = match latest.jpeg.get() {
+        Some(jpeg) => jpeg.clone(),
+        None => {
+            let image = Arc::clone(&latest.image);
+            let encoded = tokio::task::spawn_blocking(move || {
+                let mut jpeg = Vec::with_capacity(image.len() / 8 + 1024);
+                JpegEncoder::new_with_quality(&mut std::io::Cursor::new(&mut jpeg), 85).encode_image(&*image).map(|()| jpeg)
+            })
+            .await;
+            match encoded {
+                // Two first requests at once may both encode; one result is kept.
+                Ok(Ok(jpeg)) => latest.jpeg.get_or_init(|| Bytes::from(jpeg)).clone(),
+                Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the snapshot: {e}")),
+                Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "the encoding task failed"),
+            }
+        }
+    };
+    ([(header::CONTENT_TYPE, "image/jpeg"), (header::CACHE_CONTROL, "no-cache")], jpeg).into_response()
 }
 
 fn error(status: StatusCode, detail: impl Into<String>) -> Response {

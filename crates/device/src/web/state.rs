@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -61,6 +61,8 @@ pub(crate) struct Live {
 pub(crate) struct LatestSnapshot {
     pub info: SnapshotInfo,
     pub image: Arc<RgbImage>,
+    /// Its JPEG, encoded by the first request and served to the rest.
+    pub jpeg: Arc<OnceLock<Bytes>>,
 }
 
 impl Live {
@@ -318,7 +320,7 @@ impl Sink for WebSink {
                             frame: *frame,
                             ts_ms: *ts_ms,
                         };
-                        live.snapshot = Some(LatestSnapshot { info, image });
+                        live.snapshot = Some(LatestSnapshot { info, image, jpeg: Arc::default() });
                     }
                 }
                 _ => {}
