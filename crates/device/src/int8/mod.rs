@@ -65,13 +65,20 @@ pub struct Requant {
 /// every ISA's exact f32 → i32 conversion.
 const LIMIT: f32 = 1024.0;
 
+/// Bound on |multiplier|: `f32(acc)·m` and `f32(r − zr)·mr` stay finite
+/// (|acc| < 2³¹, |r − zr| < 2⁸), and so does their sum.
+const MULTIPLIER: f32 = 1e20;
+
 impl Requant {
     /// Checks the parameters for `co` output channels; `worst` bounds
     /// |accumulator| (so `acc + bias` cannot overflow).
     fn check(&self, co: usize, worst: i64) -> TractResult<()> {
         ensure!(self.multiplier.len() == co && self.bias.len() == co, "requantization for {co} channels");
-        ensure!(self.multiplier.iter().all(|m| m.is_finite()), "a requantization multiplier is not finite");
-        ensure!(self.residual.is_none_or(|(m, _)| m.is_finite()), "the residual multiplier is not finite");
+        // Bounded multipliers keep every product, and their sum, finite.
+        ensure!(self.multiplier.iter().all(|m| m.abs() < MULTIPLIER), "a requantization multiplier is not below {MULTIPLIER}");
+        ensure!(self.residual.is_none_or(|(m, _)| m.abs() < MULTIPLIER), "the residual multiplier is not below {MULTIPLIER}");
+        let int8 = -128..=127;
+        ensure!(int8.contains(&self.zero_point) && self.residual.is_none_or(|(_, z)| int8.contains(&z)), "zero points not int8");
         ensure!(self.clamp.0 <= self.clamp.1, "clamp {:?}", self.clamp);
         let big = self.bias.iter().map(|b| i64::from(*b).abs()).max().unwrap_or(0);
         ensure!(big + worst < i64::from(i32::MAX), "the accumulator may overflow i32");

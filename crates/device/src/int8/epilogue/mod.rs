@@ -9,7 +9,7 @@
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "aarch64")]
-mod neon;
+pub(super) mod neon;
 
 use super::Requant;
 
