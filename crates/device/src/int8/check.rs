@@ -212,6 +212,10 @@ pub(super) fn depthwise() -> TractResult<usize> {
         (16, 3, 17, (1, 3), (1, 3), (0, 1), (0, 1)),
         (24, 1, 1, (3, 3), (1, 1), (1, 1), (1, 1)),
         (36, 6, 20, (3, 3), (1, 1), (1, 1), (1, 1)),
+        (48, 7, 7, (5, 5), (1, 1), (2, 2), (2, 2)),
+        (32, 8, 9, (5, 5), (2, 2), (1, 2), (2, 2)),
+        (16, 1, 1, (5, 5), (1, 1), (2, 2), (2, 2)),
+        (64, 5, 6, (3, 3), (2, 2), (0, 0), (1, 1)),
     ];
     let mut n = 0;
     for (c, h, w, kernel, strides, pad, after) in cases {
@@ -278,7 +282,21 @@ fn depthwise_case(g: &Geometry, layout: Layout, residual: bool, zx: i32, zy: i32
         Layout::PixelMajor => op.pixel_major(&x, res, &mut portable, (0, g.out.0), false),
         Layout::ChannelMajor => op.channel_major(&x, res, &mut portable, (0, g.c), false),
     }
-    compare(&format!("{op:?} zx {zx} zy {zy} clamp {clamp:?}"), &got, &portable, &want, clamp)
+    let case = format!("{op:?} zx {zx} zy {zy} clamp {clamp:?}");
+    compare(&case, &got, &portable, &want, clamp)?;
+    if layout == Layout::PixelMajor {
+        // Over the padded input, with and without the ISA's kernel, whole
+        // and split at an output row.
+        let xp = op.padded(&x);
+        let cut = g.out.0 / 3;
+        for kernel in [false, true] {
+            let (a, b) = portable.split_at_mut(cut * g.out.1 * g.c);
+            op.pixel_major_padded(&xp, res, a, (0, cut), kernel);
+            op.pixel_major_padded(&xp, res, b, (cut, g.out.0), kernel);
+            compare(&format!("{case}, padded (kernel: {kernel})"), &got, &portable, &want, clamp)?;
+        }
+    }
+    Ok(())
 }
 
 /// The op's outputs and its loops' equal to the reference, and the case

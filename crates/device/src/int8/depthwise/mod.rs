@@ -27,8 +27,13 @@ pub struct QDepthwise {
     out_shape: TVec<usize>,
     /// Tap `t = ky·kw + kx`, channel `c` at `t·c + c`, widened.
     weights: Arc<Vec<i16>>,
+    /// The same, int8 (the NEON kernel's).
+    weights8: Arc<Vec<i8>>,
     x_zero_point: i32,
     requant: Arc<Requant>,
+    /// `requant` with the zero point's share of every tap in the bias
+    /// (`bias − zx·Σ_taps w`): the requantization over the padded input.
+    folded: Arc<Requant>,
 }
 
 impl Eq for QDepthwise {}
@@ -61,6 +66,8 @@ impl QDepthwise {
             "{g:?}: output positions past the input"
         );
         ensure!((-128..=127).contains(&x_zero_point), "input zero point {x_zero_point}");
+        // The NEON kernel sums two products in i16: exact for weights within ±127.
+        ensure!(weights.iter().all(|&w| w != i8::MIN), "a weight is -128 (symmetric int8 weights are within ±127)");
         requant.check(c, (kh * kw) as i64 * 256 * 128)?;
         let mut packed = vec![0i16; kh * kw * c];
         for ch in 0..c {
@@ -68,16 +75,113 @@ impl QDepthwise {
                 packed[t * c + ch] = i16::from(weights[ch * kh * kw + t]);
             }
         }
-        Ok(QDepthwise { geometry, layout, out_shape, weights: Arc::new(packed), x_zero_point, requant: Arc::new(requant) })
+        let mut folded = requant.clone();
+        for (ch, b) in folded.bias.iter_mut().enumerate() {
+            let sum: i64 = weights[ch * kh * kw..][..kh * kw].iter().map(|&w| i64::from(w)).sum();
+            let f = i64::from(*b) - i64::from(x_zero_point) * sum;
+            *b = i32::try_from(f).map_err(|_| format_err!("bias of channel {ch} overflows i32"))?;
+        }
+        // Over the padded input every term is an int8 value times a weight.
+        folded.check(c, (kh * kw) as i64 * 128 * 128)?;
+        let weights8 = packed.iter().map(|&w| w as i8).collect();
+        Ok(QDepthwise {
+            geometry,
+            layout,
+            out_shape,
+            weights: Arc::new(packed),
+            weights8: Arc::new(weights8),
+            x_zero_point,
+            requant: Arc::new(requant),
+            folded: Arc::new(folded),
+        })
+    }
+
+    /// The rows and columns of the padded input: every output position's
+    /// whole window.
+    fn padded_size(&self) -> (usize, usize) {
+        let g = &self.geometry;
+        ((g.out.0 - 1) * g.strides.0 + g.kernel.0, (g.out.1 - 1) * g.strides.1 + g.kernel.1)
+    }
+
+    /// The channel-last input `x` inside a border of its zero point, as
+    /// large as [`QDepthwise::padded_size`]: input `(y, x)` at padded
+    /// `(y + pad top, x + pad left)`.
+    pub(super) fn padded(&self, x: &[i8]) -> Vec<i8> {
+        let g = &self.geometry;
+        let (hp, wp) = self.padded_size();
+        let mut xp = vec![self.x_zero_point as i8; hp * wp * g.c];
+        for yp in g.pad.0..hp.min(g.h + g.pad.0) {
+            let cols = (wp - g.pad.1.min(wp)).min(g.w);
+            let src = &x[(yp - g.pad.0) * g.w * g.c..][..cols * g.c];
+            xp[(yp * wp + g.pad.1) * g.c..][..cols * g.c].copy_from_slice(src);
+        }
+        xp
+    }
+
+    /// Channel-last over the padded input `xp` ([`QDepthwise::padded`]),
+    /// output rows `oy0..oy1`: 16 channels a step by the NEON kernel where
+    /// there is one (`kernel` set), the other channels in plain loops;
+    /// every tap inside, the zero point's share in the folded bias.
+    pub(super) fn pixel_major_padded(&self, xp: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
+        let g = &self.geometry;
+        let (c, (kh, kw), (sy, sx), ow) = (g.c, g.kernel, g.strides, g.out.1);
+        let (_, wp) = self.padded_size();
+        let rq = &*self.folded;
+        #[allow(unused_mut)]
+        let mut c16 = 0;
+        #[cfg(target_arch = "aarch64")]
+        let k = super::epilogue::neon::Consts::new(rq);
+        for oy in rows.0..rows.1 {
+            let x0 = oy * sy * wp * c;
+            let o = &mut out[(oy - rows.0) * ow * c..][..ow * c];
+            let r = residual.map(|r| &r[oy * ow * c..][..ow * c]);
+            #[cfg(target_arch = "aarch64")]
+            if kernel {
+                c16 = c / 16 * 16;
+                let t = neon::Window { kh, kw, row: wp * c, c, step: sx * c };
+                let xs = &xp[x0..][..((kh - 1) * wp + (ow - 1) * sx + kw) * c];
+                // SAFETY: `xs` runs to the last tap of the last position (ky < kh, kx < kw,
+                // ox < ow, ch < c16 ≤ c), the weights hold kh·kw·c values and `o`, `r`
+                // ow·c; the multipliers and biases hold c ≥ c16; weights within ±127 (new()).
+                unsafe {
+                    neon::row(
+                        xs.as_ptr(),
+                        self.weights8.as_ptr(),
+                        &t,
+                        ow,
+                        &k,
+                        rq.multiplier.as_ptr(),
+                        rq.bias.as_ptr(),
+                        r.map(|r| r.as_ptr()),
+                        o.as_mut_ptr(),
+                        c16,
+                    )
+                };
+            }
+            let _ = kernel;
+            for ox in 0..ow {
+                for ch in c16..c {
+                    let mut acc = 0i32;
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let v = xp[x0 + (ky * wp + ox * sx + kx) * c + ch];
+                            acc += i32::from(v) * i32::from(self.weights[(ky * kw + kx) * c + ch]);
+                        }
+                    }
+                    o[ox * c + ch] = rq.apply(acc, ch, r.map_or(0, |r| r[ox * c + ch]));
+                }
+            }
+        }
     }
 
     /// Rows `r0..r1` of the output (output rows channel-last, channels
-    /// channel-first) of the whole tensors `x`, `residual`, into `out`
-    /// (those rows).
-    fn compute(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
-        match self.layout {
-            Layout::PixelMajor => self.pixel_major(x, residual, out, rows, true),
-            Layout::ChannelMajor => self.channel_major(x, residual, out, rows, true),
+    /// channel-first) of the whole tensors `x` (or, channel-last, its
+    /// padded copy `xp`), `residual`, into `out` (those rows).
+    fn compute(&self, x: &[i8], xp: Option<&[i8]>, residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
+        match (self.layout, xp) {
+            (Layout::PixelMajor, Some(xp)) => self.pixel_major_padded(xp, residual, out, rows, true),
+            (Layout::PixelMajor, None) => self.pixel_major(x, residual, out, rows, true),
+            (Layout::ChannelMajor, _) => self.channel_major(x, residual, out, rows, true),
         }
     }
 
@@ -107,7 +211,7 @@ impl QDepthwise {
                 acc.fill(0);
                 for ky in ky0..ky1 {
                     let row = &xs[(oy * sy + ky - g.pad.0) * g.w..][..g.w];
-                    for (kx, &(ox0, ox1)) in cols.iter().enumerate() {
+                    for (kx, &(ox0, ox1)) in cols.iter().enumerate().filter(|(_, &(ox0, ox1))| ox0 < ox1) {
                         let w = i32::from(self.weights[(ky * kw + kx) * c + ch]);
                         let first = ox0 * sx + kx - g.pad.1;
                         if sx == 1 {
@@ -128,44 +232,28 @@ impl QDepthwise {
         }
     }
 
-    /// Channel-last, output rows `oy0..oy1`: every channel of a position at
-    /// once, by the NEON kernel where there is one and `kernel` is set (the
-    /// channels past the last 16 in plain loops), then the position's
-    /// channels requantized together (the vector epilogue with `kernel`).
+    /// Channel-last, output rows `oy0..oy1`, on the unpadded input: every
+    /// channel of a position at once in plain loops (the zero point taken
+    /// off each tap inside the input), then the position's channels
+    /// requantized together (the vector epilogue with `kernel`).
     pub(super) fn pixel_major(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
         let g = &self.geometry;
         let (c, (_, kw)) = (g.c, g.kernel);
         let zx = self.x_zero_point;
         let mut acc = vec![0i32; c];
         let mut at = 0;
-        #[allow(unused_mut)]
-        let mut c16 = 0;
-        #[cfg(target_arch = "aarch64")]
-        if kernel {
-            c16 = c / 16 * 16;
-        }
         for oy in rows.0..rows.1 {
             let (ky0, ky1) = inside(oy * g.strides.0, g.pad.0, g.kernel.0, g.h);
             for ox in 0..g.out.1 {
                 let (kx0, kx1) = inside(ox * g.strides.1, g.pad.1, kw, g.w);
                 acc.fill(0);
-                #[cfg(target_arch = "aarch64")]
-                if c16 > 0 && ky1 > ky0 && kx1 > kx0 {
-                    let first = ((oy * g.strides.0 + ky0 - g.pad.0) * g.w + ox * g.strides.1 + kx0 - g.pad.1) * c;
-                    let taps = neon::Taps { ky: ky1 - ky0, kx: kx1 - kx0, row: g.w * c, wrow: kw * c, c };
-                    let xs = &x[first..][..(taps.ky - 1) * taps.row + (taps.kx - 1) * c + c];
-                    let ws = &self.weights[(ky0 * kw + kx0) * c..][..(taps.ky - 1) * taps.wrow + (taps.kx - 1) * c + c];
-                    // SAFETY: `xs` and `ws` are sliced to the last tap's last channel
-                    // (i < ky, j < kx, ch < c16 ≤ c); `acc` holds c ≥ c16 values.
-                    unsafe { neon::position(xs.as_ptr(), ws.as_ptr(), &taps, zx as i8, c16, acc.as_mut_ptr()) };
-                }
                 for ky in ky0..ky1 {
                     let iy = oy * g.strides.0 + ky - g.pad.0;
                     for kx in kx0..kx1 {
                         let ix = ox * g.strides.1 + kx - g.pad.1;
-                        let xs = &x[(iy * g.w + ix) * c + c16..(iy * g.w + ix + 1) * c];
-                        let ws = &self.weights[(ky * kw + kx) * c + c16..(ky * kw + kx + 1) * c];
-                        for ((a, &x), &w) in acc[c16..].iter_mut().zip(xs).zip(ws) {
+                        let xs = &x[(iy * g.w + ix) * c..][..c];
+                        let ws = &self.weights[(ky * kw + kx) * c..][..c];
+                        for ((a, &x), &w) in acc.iter_mut().zip(xs).zip(ws) {
                             *a += (i32::from(x) - zx) * i32::from(w);
                         }
                     }
@@ -208,10 +296,14 @@ impl EvalOp for QDepthwise {
         };
         let mut out = vec![0i8; g.out.0 * g.out.1 * g.c];
         let work = out.len() * g.kernel.0 * g.kernel.1;
+        // Channel-last on aarch64: the NEON kernel over the input padded
+        // with its zero point (a copy of the input against kh·kw
+        // multiply-adds a value).
+        let xp = (cfg!(target_arch = "aarch64") && self.layout == Layout::PixelMajor).then(|| self.padded(x));
         // Rows: output rows channel-last, channels channel-first; `first`
         // is the chunk's first.
         par_chunks_mut(&mut out, row, work, |first, chunk| {
-            self.compute(x, res, chunk, (first, first + chunk.len() / row));
+            self.compute(x, xp.as_deref(), res, chunk, (first, first + chunk.len() / row));
             Ok(())
         })?;
         Ok(tvec!(Tensor::from_shape(&self.out_shape, &out)?.into_tvalue()))
