@@ -31,6 +31,24 @@ const TC: usize = 4;
 const PB: usize = 4;
 /// Output channels of one tile of the channel-last kernel.
 const CB: usize = 4;
+/// Output channels of one block of the channel-last broadcast tile.
+const BC: usize = 16;
+
+/// `w` (`[co, ci]`) packed for `neon::broadcast` with blocks of `4·v`
+/// output channels: block `b`, group `g` of 4 input channels, vector `u`,
+/// `w[4v·b + 4u + i, 4g + j]` at `((b·kq + g)·v + u)·16 + 4i + j` (`kq` =
+/// `ci` ÷ 4 rounded up; zeros past `co` and `ci`).
+fn broadcast_pack(w: &[i8], ci: usize, co: usize, v: usize) -> Vec<i8> {
+    let kq = ci.div_ceil(4);
+    let mut out = vec![0i8; co.div_ceil(4 * v) * kq * v * 16];
+    for (c, row) in w.chunks_exact(ci).enumerate().take(co) {
+        let (b, u, i) = (c / (4 * v), (c % (4 * v)) / 4, c % 4);
+        for (k, &x) in row.iter().enumerate() {
+            out[((b * kq + k / 4) * v + u) * 16 + 4 * i + k % 4] = x;
+        }
+    }
+    out
+}
 
 /// Element strides `(pixel, channel)` of a `pixels × channels` tensor.
 fn strides(layout: Layout, pixels: usize, channels: usize) -> (usize, usize) {
@@ -67,6 +85,16 @@ pub struct QPointwise {
     rows: Arc<Vec<i8>>,
     /// `ci` rounded up to 16.
     kp: usize,
+    /// The broadcast tiles' weights (`SDOT` by element, where the CPU has
+    /// it; empty elsewhere): blocks of [`BC`] output channels (channel-last
+    /// out) and of 4 (channel-first out), each by groups of 4 input
+    /// channels, as `neon::broadcast` reads them.
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    broadcast: Arc<(Vec<i8>, Vec<i8>)>,
+    /// The multipliers and biases, zeros past `co` up to a whole block of
+    /// [`BC`] (empty without the broadcast tiles).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    padded: Arc<(Vec<f32>, Vec<i32>)>,
     requant: Arc<Requant>,
 }
 
@@ -121,10 +149,21 @@ enum RowsKernel {
 }
 
 impl RowsKernel {
+    /// Whether the broadcast tiles (`SDOT` by element) take the place of
+    /// the 4 × 4 tile.
+    fn broadcast(self) -> bool {
+        match self {
+            #[cfg(target_arch = "aarch64")]
+            RowsKernel::Sdot => true,
+            #[cfg(target_arch = "aarch64")]
+            RowsKernel::Mull => false,
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             #[cfg(target_arch = "aarch64")]
-            RowsKernel::Sdot => "neon (sdot; smlal channel-first)",
+            RowsKernel::Sdot => "neon (sdot by element; smlal channel-first)",
             #[cfg(target_arch = "aarch64")]
             RowsKernel::Mull => "neon (smull/sadalp; smlal channel-first)",
         }
@@ -198,6 +237,16 @@ impl QPointwise {
         for (c, w) in weights.chunks_exact(ci).enumerate() {
             rows[c * kp..][..ci].copy_from_slice(w);
         }
+        let (broadcast, padded) = if matches!(rows_kernel(), Some(k) if k.broadcast()) {
+            let cp = co.div_ceil(BC) * BC;
+            let mut m = requant.multiplier.clone();
+            let mut b = requant.bias.clone();
+            m.resize(cp, 0.0);
+            b.resize(cp, 0);
+            ((broadcast_pack(weights, ci, co, BC / 4), broadcast_pack(weights, ci, co, 1)), (m, b))
+        } else {
+            Default::default()
+        };
         Ok(QPointwise {
             ci,
             co,
@@ -210,6 +259,8 @@ impl QPointwise {
             pairs: Arc::new(pairs),
             rows: Arc::new(rows),
             kp,
+            broadcast: Arc::new(broadcast),
+            padded: Arc::new(padded),
             requant: Arc::new(requant),
         })
     }
@@ -263,6 +314,14 @@ impl QPointwise {
         let (ci, co, n) = (self.ci, self.co, self.pixels);
         let cb = co.div_ceil(CB) * CB;
         let tile = if kernel { rows_kernel() } else { None };
+        #[cfg(target_arch = "aarch64")]
+        if tile.is_some_and(|k| k.broadcast()) {
+            match self.output {
+                Layout::PixelMajor => self.broadcast_last(x, residual, out, rows),
+                Layout::ChannelMajor => self.broadcast_first(x, residual, out, rows),
+            }
+            return;
+        }
         // The rows of pixels p0.. (past the last pixel, the block repeats it;
         // those sums are unused).
         let block = |p0: usize, np: usize| -> [&[i8]; PB] { std::array::from_fn(|i| &x[(p0 + i.min(np - 1)) * ci..][..ci]) };
@@ -309,6 +368,118 @@ impl QPointwise {
                 let r = residual.map(|r| &r[c * n + p0..][..np]);
                 let a = &acc[(c - t0 * CB) * TP..][..np];
                 self.requant.run_with(a, Lanes::Channel(c), r, &mut out[(c - c0) * n + p0..][..np], kernel);
+            }
+        }
+    }
+
+    /// Channel-last in and out by the broadcast tile, output pixels
+    /// `rows.0..rows.1`: 4 pixels × [`BC`] output channels a tile, the
+    /// sums requantized in registers; a block short of pixels or channels
+    /// through buffers.
+    #[cfg(target_arch = "aarch64")]
+    fn broadcast_last(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
+        const P: usize = 4;
+        let (ci, co) = (self.ci, self.co);
+        let (w, _) = &*self.broadcast;
+        let (mult, bias) = &*self.padded;
+        let block = ci.div_ceil(4) * BC * 4;
+        let k = super::epilogue::neon::Consts::new(&self.requant);
+        let mut xb = vec![0i8; P * ci];
+        let (mut ob, mut rb) = ([0i8; P * BC], [0i8; P * BC]);
+        let mut p0 = rows.0;
+        while p0 < rows.1 {
+            let np = P.min(rows.1 - p0);
+            let xs = if np == P {
+                &x[p0 * ci..][..P * ci]
+            } else {
+                xb[..np * ci].copy_from_slice(&x[p0 * ci..][..np * ci]);
+                &xb[..]
+            };
+            for b in 0..co.div_ceil(BC) {
+                let (c0, nc) = (b * BC, BC.min(co - b * BC));
+                let o = &mut out[(p0 - rows.0) * co..][..np * co];
+                let wb = &w[b * block..][..block];
+                let (m, bs) = (&mult[c0..][..BC], &bias[c0..][..BC]);
+                if np == P && nc == BC {
+                    let r = residual.map(|r| &r[p0 * co + c0..][..(P - 1) * co + BC]);
+                    // SAFETY: dotprod (the broadcast tiles run only there); `xs` holds P
+                    // rows of ci, `wb` one block of ci ÷ 4 rounded up groups, `m`, `bs`
+                    // BC values; `r` and `o` (from c0) P rows of BC at a stride of co.
+                    unsafe {
+                        neon::last_tile(xs.as_ptr(), ci, wb.as_ptr(), &k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o[c0..].as_mut_ptr(), co)
+                    };
+                    continue;
+                }
+                if let Some(r) = residual {
+                    for p in 0..np {
+                        rb[p * BC..][..nc].copy_from_slice(&r[(p0 + p) * co + c0..][..nc]);
+                    }
+                }
+                // SAFETY: as above, `r` and the output through the P × BC buffers
+                // (stride BC).
+                unsafe {
+                    neon::last_tile(xs.as_ptr(), ci, wb.as_ptr(), &k, m.as_ptr(), bs.as_ptr(), residual.map(|_| rb.as_ptr()), ob.as_mut_ptr(), BC)
+                };
+                for p in 0..np {
+                    o[p * co + c0..][..nc].copy_from_slice(&ob[p * BC..][..nc]);
+                }
+            }
+            p0 += np;
+        }
+    }
+
+    /// Channel-last in, channel-first out by the broadcast tile, output
+    /// channels `rows.0..rows.1`: 16 pixels × 4 output channels a tile,
+    /// the sums transposed and requantized in registers; a block short of
+    /// pixels through buffers.
+    #[cfg(target_arch = "aarch64")]
+    fn broadcast_first(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
+        const P: usize = 16;
+        let (ci, n) = (self.ci, self.pixels);
+        let (_, w) = &*self.broadcast;
+        let (mult, bias) = &*self.padded;
+        let block = ci.div_ceil(4) * 16;
+        let k = super::epilogue::neon::Consts::new(&self.requant);
+        let (c0, c1) = rows;
+        if c0 >= c1 {
+            return;
+        }
+        let mut xb = vec![0i8; P * ci];
+        let (last, np_last) = (n / P * P, n % P);
+        xb[..np_last * ci].copy_from_slice(&x[last * ci..][..np_last * ci]);
+        let (mut ob, mut rb) = ([0i8; 4 * P], [0i8; 4 * P]);
+        for t in c0 / 4..(c1 - 1) / 4 + 1 {
+            // The channels of tile t in the chunk: j0..j1 of its four.
+            let (j0, j1) = (c0.max(4 * t) - 4 * t, c1.min(4 * t + 4) - 4 * t);
+            let wb = &w[t * block..][..block];
+            let (m, bs) = (&mult[4 * t..][..4], &bias[4 * t..][..4]);
+            let o = &mut out[(4 * t + j0 - c0) * n..][..(j1 - j0) * n];
+            for p0 in (0..n).step_by(P) {
+                let np = P.min(n - p0);
+                if np == P {
+                    let xs = &x[p0 * ci..][..P * ci];
+                    let r = residual.map(|r| &r[(4 * t + j0) * n + p0..][..(j1 - j0 - 1) * n + P]);
+                    // SAFETY: dotprod; `xs` holds P rows of ci, `wb` one block of groups,
+                    // `m`, `bs` 4 values; `r` and `o` (from p0) j1 − j0 rows of P at a
+                    // stride of n.
+                    unsafe {
+                        neon::first_tile(xs.as_ptr(), ci, wb.as_ptr(), &k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o[p0..].as_mut_ptr(), n, (j0, j1))
+                    };
+                    continue;
+                }
+                if let Some(r) = residual {
+                    for j in j0..j1 {
+                        rb[(j - j0) * P..][..np].copy_from_slice(&r[(4 * t + j) * n + p0..][..np]);
+                    }
+                }
+                // SAFETY: as above, through the buffers (P rows of ci; j1 − j0 rows
+                // of P at a stride of P).
+                unsafe {
+                    neon::first_tile(xb.as_ptr(), ci, wb.as_ptr(), &k, m.as_ptr(), bs.as_ptr(), residual.map(|_| rb.as_ptr()), ob.as_mut_ptr(), P, (j0, j1))
+                };
+                for j in 0..j1 - j0 {
+                    o[j * n + p0..][..np].copy_from_slice(&ob[j * P..][..np]);
+                }
             }
         }
     }
@@ -462,15 +633,16 @@ impl EvalOp for QPointwise {
         let (x, res) = operands(self, &inputs, self.requant.residual.is_some(), &self.out_shape)?;
         let (n, ci, co) = (self.pixels, self.ci, self.co);
         ensure!(x.len() == n * ci, "{self:?} given a {:?} input", inputs[0].shape());
-        if self.input == Layout::ChannelMajor && self.output == Layout::PixelMajor && rows_kernel().is_some() {
-            // The channel-last tile is several times the channel-first one
-            // where there is one (SDOT: 16 multiply-adds an instruction, against
+        if self.input == Layout::ChannelMajor && rows_kernel().is_some() {
+            // The channel-last tiles are several times the channel-first one
+            // where there are some (SDOT: 16 multiply-adds an instruction, against
             // SMLAL's 4), worth one pass over the input (ci values a pixel,
             // against co·ci multiply-adds) to put it channel-last.
             let xt = transpose(x, ci, n);
+            let row = if self.output == Layout::PixelMajor { co } else { n };
             let mut out = vec![0i8; n * co];
-            par_chunks_mut(&mut out, co, n * ci * co, |first, chunk| {
-                self.pixel_major_with(&xt, res, chunk, (first, first + chunk.len() / co), true);
+            par_chunks_mut(&mut out, row, n * ci * co, |first, chunk| {
+                self.pixel_major_with(&xt, res, chunk, (first, first + chunk.len() / row), true);
                 Ok(())
             })?;
             return Ok(tvec!(Tensor::from_shape(&self.out_shape, &out)?.into_tvalue()));

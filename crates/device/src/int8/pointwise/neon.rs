@@ -8,6 +8,7 @@
 
 use std::arch::aarch64::*;
 
+use super::super::epilogue::neon::{requant_sums, Consts};
 use super::{CB, PB, TC, TP};
 
 /// The i32 sums of a tile: `acc[c][j] = Σₖ x[k·n + j]·w[k, c]` for the
@@ -141,4 +142,173 @@ pub(super) unsafe fn rows_sdot(x: &[*const i8; PB], ci: usize, w: *const i8, kp:
 pub(super) unsafe fn rows_mull(x: &[*const i8; PB], ci: usize, w: *const i8, kp: usize) -> [[i32; CB]; PB] {
     // SAFETY: as in `rows_sdot`.
     unsafe { rows_tile!(x, ci, w, kp, mull) }
+}
+
+/// `acc[i] += Σⱼ w[4i + j]·x[4·L + j]`: `SDOT` by element, lane `L` of `x`.
+macro_rules! sdot_lane {
+    ($acc:expr, $w:expr, $x:expr, $l:literal) => {
+        std::arch::asm!("sdot {0:v}.4s, {1:v}.16b, {2:v}.4b[{l}]", inout(vreg) $acc, in(vreg) $w, in(vreg) $x, l = const $l,
+            options(pure, nomem, nostack))
+    };
+}
+
+/// The pixel values of rows `x + p·ci` (p < P), input channels
+/// `16·s..16·s + 16`, where fewer than 16 remain (`rem`, then zeros past
+/// them: their weights are zeros).
+///
+/// # Safety
+/// Each row has `16·s + rem` readable values.
+#[inline(always)]
+unsafe fn tail_rows<const P: usize>(x: *const i8, ci: usize, at: usize, rem: usize) -> [int8x16_t; P] {
+    // SAFETY: reads `rem` values of each row from `at`, as the caller vouches.
+    unsafe {
+        std::array::from_fn(|p| {
+            let r = x.add(p * ci + at);
+            if rem == 8 {
+                vcombine_s8(vld1_s8(r), vdup_n_s8(0))
+            } else {
+                let mut b = [0i8; 16];
+                std::ptr::copy_nonoverlapping(r, b.as_mut_ptr(), rem.min(16));
+                vld1q_s8(b.as_ptr())
+            }
+        })
+    }
+}
+
+/// The sums of `P` channel-last pixel rows (`x + p·ci`) against `V` vectors
+/// of 4 output channels, starting from `init`: `acc[p][v][i] = init[p][v][i]
+/// + Σₖ x[p·ci + k]·w(4v + i, k)`, the weights packed by groups of 4 input
+/// channels: group `g`, vector `v`, `w(4v + i, 4g + j)` at `(g·V + v)·16 +
+/// 4i + j`; each pixel's four input channels broadcast by `SDOT` by
+/// element, so the sums land channel-last with no reduction.
+///
+/// # Safety
+/// dotprod; `x` has `P` rows of `ci` at a stride of `ci`; `w` has
+/// `ci.div_ceil(4)·V·16` values, zeros past `ci`.
+#[inline(always)]
+unsafe fn broadcast<const P: usize, const V: usize>(x: *const i8, ci: usize, w: *const i8, init: [[int32x4_t; V]; P]) -> [[int32x4_t; V]; P] {
+    // SAFETY: loads inside the rows and the packed weights the caller
+    // vouches for; `tail_rows` reads the last `ci % 16` of each row.
+    unsafe {
+        let mut a = init;
+        let whole = ci / 16;
+        macro_rules! lane {
+            ($xv:ident, $wp:ident, $l:literal) => {
+                let wv: [int8x16_t; V] = std::array::from_fn(|v| vld1q_s8($wp.add(($l * V + v) * 16)));
+                for p in 0..P {
+                    for v in 0..V {
+                        sdot_lane!(a[p][v], wv[v], $xv[p], $l);
+                    }
+                }
+            };
+        }
+        for s in 0..whole {
+            let xv: [int8x16_t; P] = std::array::from_fn(|p| vld1q_s8(x.add(p * ci + 16 * s)));
+            let wp = w.add(s * 4 * V * 16);
+            lane!(xv, wp, 0);
+            lane!(xv, wp, 1);
+            lane!(xv, wp, 2);
+            lane!(xv, wp, 3);
+        }
+        let rem = ci - 16 * whole;
+        if rem > 0 {
+            let xv = tail_rows::<P>(x, ci, 16 * whole, rem);
+            let wp = w.add(whole * 4 * V * 16);
+            lane!(xv, wp, 0);
+            if rem > 4 {
+                lane!(xv, wp, 1);
+            }
+            if rem > 8 {
+                lane!(xv, wp, 2);
+            }
+            if rem > 12 {
+                lane!(xv, wp, 3);
+            }
+        }
+        a
+    }
+}
+
+/// Channel-last in and out: 4 pixel rows (`x + p·ci`) against one block of
+/// [`BC`](super::BC) output channels (`w`, packed for [`broadcast`] with 4 vectors),
+/// the sums from the biases, requantized in registers: `out[p·stride + c]`
+/// for `c < BC`, the residual at `res[p·stride + c]`.
+///
+/// # Safety
+/// dotprod; `x` has 4 rows of `ci` at a stride of `ci`; `w` has
+/// `ci.div_ceil(4)·64` values, zeros past `ci`; `mult`, `bias` have [`BC`](super::BC)
+/// values; `res` (when given) and `out` hold [`BC`](super::BC) values at each of the 4
+/// rows of `stride`.
+#[target_feature(enable = "dotprod")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn last_tile(
+    x: *const i8,
+    ci: usize,
+    w: *const i8,
+    k: &Consts,
+    mult: *const f32,
+    bias: *const i32,
+    res: Option<*const i8>,
+    out: *mut i8,
+    stride: usize,
+) {
+    // SAFETY: the loads and stores stay in the ranges the caller vouches for.
+    unsafe {
+        let b: [int32x4_t; 4] = std::array::from_fn(|v| vld1q_s32(bias.add(4 * v)));
+        let a = broadcast::<4, 4>(x, ci, w, [b; 4]);
+        let m: [float32x4_t; 4] = std::array::from_fn(|v| vld1q_f32(mult.add(4 * v)));
+        for (p, a) in a.iter().enumerate() {
+            vst1q_s8(out.add(p * stride), requant_sums(k, *a, m, res.map(|r| r.add(p * stride))));
+        }
+    }
+}
+
+/// Channel-last in, channel-first out: 16 pixel rows (`x + p·ci`) against
+/// one block of 4 output channels (`w`, packed for [`broadcast`] with one
+/// vector), the sums from the biases, transposed to 4 channels × 16
+/// pixels and requantized in registers: channel `j` of `j0..j1` to
+/// `out[(j − j0)·stride + p]`, the residual at `res[(j − j0)·stride + p]`.
+///
+/// # Safety
+/// dotprod; `x` has 16 rows of `ci` at a stride of `ci`; `w` has
+/// `ci.div_ceil(4)·16` values, zeros past `ci`; `mult`, `bias` have 4
+/// values; `j0 ≤ j1 ≤ 4`; `res` (when given) and `out` hold 16 values at
+/// each of the `j1 − j0` rows of `stride`.
+#[target_feature(enable = "dotprod")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn first_tile(
+    x: *const i8,
+    ci: usize,
+    w: *const i8,
+    k: &Consts,
+    mult: *const f32,
+    bias: *const i32,
+    res: Option<*const i8>,
+    out: *mut i8,
+    stride: usize,
+    (j0, j1): (usize, usize),
+) {
+    // SAFETY: the loads and stores stay in the ranges the caller vouches for.
+    unsafe {
+        let b = vld1q_s32(bias);
+        let a = broadcast::<16, 1>(x, ci, w, [[b]; 16]);
+        // a[p][0] holds channels 0..4 of pixel p; s[j][q], pixels 4q..4q + 4
+        // of channel j.
+        let mut s = [[vdupq_n_s32(0); 4]; 4];
+        for q in 0..4 {
+            let (a0, a1, a2, a3) = (a[4 * q][0], a[4 * q + 1][0], a[4 * q + 2][0], a[4 * q + 3][0]);
+            let (t0, t1) = (vtrn1q_s32(a0, a1), vtrn2q_s32(a0, a1));
+            let (t2, t3) = (vtrn1q_s32(a2, a3), vtrn2q_s32(a2, a3));
+            let d = |v: int32x4_t| vreinterpretq_s64_s32(v);
+            s[0][q] = vreinterpretq_s32_s64(vtrn1q_s64(d(t0), d(t2)));
+            s[1][q] = vreinterpretq_s32_s64(vtrn1q_s64(d(t1), d(t3)));
+            s[2][q] = vreinterpretq_s32_s64(vtrn2q_s64(d(t0), d(t2)));
+            s[3][q] = vreinterpretq_s32_s64(vtrn2q_s64(d(t1), d(t3)));
+        }
+        for j in j0..j1 {
+            let m = vdupq_n_f32(*mult.add(j));
+            let at = (j - j0) * stride;
+            vst1q_s8(out.add(at), requant_sums(k, s[j], [m; 4], res.map(|r| r.add(at))));
+        }
+    }
 }
