@@ -699,11 +699,27 @@ impl EvalOp for QPointwise {
     }
 }
 
-/// `src` as `rows × cols`, row-major, transposed: `cols × rows`.
+/// `src` as `rows × cols`, row-major, transposed: `cols × rows`; by
+/// blocks of 16 × 16 in NEON, the rows and columns past the last whole
+/// block in plain loops.
 fn transpose(src: &[i8], rows: usize, cols: usize) -> Vec<i8> {
     let mut dst = vec![0i8; src.len()];
+    #[allow(unused_mut)]
+    let (mut r16, mut c16) = (0, 0);
+    #[cfg(target_arch = "aarch64")]
+    if src.len() >= rows * cols {
+        (r16, c16) = (rows / 16 * 16, cols / 16 * 16);
+        for r0 in (0..r16).step_by(16) {
+            for c0 in (0..c16).step_by(16) {
+                // SAFETY: r0 + 16 ≤ rows, c0 + 16 ≤ cols; `src` (checked) and `dst`
+                // (its length) hold rows·cols values.
+                unsafe { neon::transpose16(src.as_ptr(), dst.as_mut_ptr(), rows, cols, r0, c0) };
+            }
+        }
+    }
     for (r, row) in src.chunks_exact(cols).enumerate().take(rows) {
-        for (c, &v) in row.iter().enumerate() {
+        let first = if r < r16 { c16 } else { 0 };
+        for (c, &v) in row.iter().enumerate().skip(first) {
             dst[c * rows + r] = v;
         }
     }

@@ -312,3 +312,41 @@ pub(super) unsafe fn first_tile(
         }
     }
 }
+
+/// `dst[c·rows + r] = src[r·cols + c]` over the 16 × 16 block of rows
+/// `r0..r0 + 16` and columns `c0..c0 + 16`: 16 loads, four rounds of
+/// `TRN1`/`TRN2` (8, 16, 32, 64 bits), 16 stores.
+///
+/// # Safety
+/// `r0 + 16 ≤ rows`, `c0 + 16 ≤ cols`; `src` and `dst` have `rows·cols`
+/// values.
+pub(super) unsafe fn transpose16(src: *const i8, dst: *mut i8, rows: usize, cols: usize, r0: usize, c0: usize) {
+    // SAFETY: every row and column read or written is inside the block the
+    // caller vouches for.
+    unsafe {
+        let mut v: [int8x16_t; 16] = std::array::from_fn(|i| vld1q_s8(src.add((r0 + i) * cols + c0)));
+        for i in (0..16).filter(|i| i & 1 == 0) {
+            let (a, b) = (v[i], v[i + 1]);
+            v[i] = vtrn1q_s8(a, b);
+            v[i + 1] = vtrn2q_s8(a, b);
+        }
+        for i in (0..16).filter(|i| i & 2 == 0) {
+            let (a, b) = (vreinterpretq_s16_s8(v[i]), vreinterpretq_s16_s8(v[i + 2]));
+            v[i] = vreinterpretq_s8_s16(vtrn1q_s16(a, b));
+            v[i + 2] = vreinterpretq_s8_s16(vtrn2q_s16(a, b));
+        }
+        for i in (0..16).filter(|i| i & 4 == 0) {
+            let (a, b) = (vreinterpretq_s32_s8(v[i]), vreinterpretq_s32_s8(v[i + 4]));
+            v[i] = vreinterpretq_s8_s32(vtrn1q_s32(a, b));
+            v[i + 4] = vreinterpretq_s8_s32(vtrn2q_s32(a, b));
+        }
+        for i in 0..8 {
+            let (a, b) = (vreinterpretq_s64_s8(v[i]), vreinterpretq_s64_s8(v[i + 8]));
+            v[i] = vreinterpretq_s8_s64(vtrn1q_s64(a, b));
+            v[i + 8] = vreinterpretq_s8_s64(vtrn2q_s64(a, b));
+        }
+        for (j, v) in v.iter().enumerate() {
+            vst1q_s8(dst.add((c0 + j) * rows + r0), *v);
+        }
+    }
+}
