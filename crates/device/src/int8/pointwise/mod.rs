@@ -80,7 +80,7 @@ pub struct QPointwise {
     /// of channel `TC·t + j` as one i32 of two i16 (AVX2's pairs).
     pairs: Arc<Vec<i32>>,
     /// The channel-last tile's weights: row `c` (`kp` values, the input
-    /// channels, zeros past `ci`) for `c` up to `co` rounded up to [`CB`]
+    /// channels, zeros past `ci`) for `c` up to `co` rounded up to [`BC`]
     /// (zero rows past `co`).
     rows: Arc<Vec<i8>>,
     /// `ci` rounded up to 16.
@@ -92,7 +92,7 @@ pub struct QPointwise {
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     broadcast: Arc<(Vec<i8>, Vec<i8>)>,
     /// The multipliers and biases, zeros past `co` up to a whole block of
-    /// [`BC`] (empty without the broadcast tiles).
+    /// [`BC`] (empty without a channel-last tile).
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     padded: Arc<(Vec<f32>, Vec<i32>)>,
     requant: Arc<Requant>,
@@ -233,17 +233,21 @@ impl QPointwise {
             }
         }
         let kp = ci.div_ceil(16) * 16;
-        let mut rows = vec![0i8; co.div_ceil(CB) * CB * kp];
+        let mut rows = vec![0i8; co.div_ceil(BC) * BC * kp];
         for (c, w) in weights.chunks_exact(ci).enumerate() {
             rows[c * kp..][..ci].copy_from_slice(w);
         }
-        let (broadcast, padded) = if matches!(rows_kernel(), Some(k) if k.broadcast()) {
+        let broadcast = match rows_kernel() {
+            Some(k) if k.broadcast() => (broadcast_pack(weights, ci, co, BC / 4), broadcast_pack(weights, ci, co, 1)),
+            _ => Default::default(),
+        };
+        let padded = if rows_kernel().is_some() {
             let cp = co.div_ceil(BC) * BC;
             let mut m = requant.multiplier.clone();
             let mut b = requant.bias.clone();
             m.resize(cp, 0.0);
             b.resize(cp, 0);
-            ((broadcast_pack(weights, ci, co, BC / 4), broadcast_pack(weights, ci, co, 1)), (m, b))
+            (m, b)
         } else {
             Default::default()
         };
@@ -315,10 +319,10 @@ impl QPointwise {
         let cb = co.div_ceil(CB) * CB;
         let tile = if kernel { rows_kernel() } else { None };
         #[cfg(target_arch = "aarch64")]
-        if tile.is_some_and(|k| k.broadcast()) {
+        if let Some(tile) = tile {
             match self.output {
-                Layout::PixelMajor => self.broadcast_last(x, residual, out, rows),
-                Layout::ChannelMajor => self.broadcast_first(x, residual, out, rows),
+                Layout::PixelMajor => self.fused_last(tile, x, residual, out, rows),
+                Layout::ChannelMajor => self.fused_first(tile, x, residual, out, rows),
             }
             return;
         }
@@ -372,17 +376,41 @@ impl QPointwise {
         }
     }
 
-    /// Channel-last in and out by the broadcast tile, output pixels
-    /// `rows.0..rows.1`: 4 pixels × [`BC`] output channels a tile, the
-    /// sums requantized in registers; a block short of pixels or channels
+    /// Channel-last in and out by this CPU's tile, output pixels
+    /// `rows.0..rows.1`: 4 pixels × [`BC`] output channels a tile (the
+    /// broadcast tile with `SDOT`, four 4 × 4 tiles without), the sums
+    /// requantized in registers; a block short of pixels or channels
     /// through buffers.
     #[cfg(target_arch = "aarch64")]
-    fn broadcast_last(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
+    fn fused_last(&self, tile: RowsKernel, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
         const P: usize = 4;
-        let (ci, co) = (self.ci, self.co);
+        let (ci, co, kp) = (self.ci, self.co, self.kp);
         let (w, _) = &*self.broadcast;
-        let (mult, bias) = &*self.padded;
-        let block = ci.div_ceil(4) * BC * 4;
+        // One block's tile on P rows of ci from `x`; the residual and output
+        // (when given) P rows of BC at a stride of `stride`.
+        let run = |x: &[i8], b: usize, k: &super::epilogue::neon::Consts, r: Option<&[i8]>, o: &mut [i8], stride: usize| {
+            let (m, bs) = (&self.padded.0[b * BC..][..BC], &self.padded.1[b * BC..][..BC]);
+            let (x, r) = (&x[..P * ci], r.map(|r| &r[..(P - 1) * stride + BC]));
+            let o = &mut o[..(P - 1) * stride + BC];
+            match tile {
+                RowsKernel::Sdot => {
+                    let block = ci.div_ceil(4) * BC * 4;
+                    let wb = &w[b * block..][..block];
+                    // SAFETY: dotprod (this tile's CPUs); `x` holds P rows of ci, `wb`
+                    // one block of ci ÷ 4 rounded up groups, `m`, `bs` BC values; `r`
+                    // and `o` P rows of BC at a stride of `stride` (sliced just above).
+                    unsafe { neon::last_tile(x.as_ptr(), ci, wb.as_ptr(), k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), stride) }
+                }
+                RowsKernel::Mull => {
+                    let wb = &self.rows[b * BC * kp..][..BC * kp];
+                    // SAFETY: as above, `wb` BC rows of kp (ci rounded up to 16, zeros
+                    // past ci); the weights are within ±127 (checked in new()).
+                    unsafe {
+                        neon::last_tile_mull(x.as_ptr(), ci, wb.as_ptr(), kp, k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), stride)
+                    }
+                }
+            }
+        };
         let k = super::epilogue::neon::Consts::new(&self.requant);
         let mut xb = vec![0i8; P * ci];
         let (mut ob, mut rb) = ([0i8; P * BC], [0i8; P * BC]);
@@ -398,16 +426,8 @@ impl QPointwise {
             for b in 0..co.div_ceil(BC) {
                 let (c0, nc) = (b * BC, BC.min(co - b * BC));
                 let o = &mut out[(p0 - rows.0) * co..][..np * co];
-                let wb = &w[b * block..][..block];
-                let (m, bs) = (&mult[c0..][..BC], &bias[c0..][..BC]);
                 if np == P && nc == BC {
-                    let r = residual.map(|r| &r[p0 * co + c0..][..(P - 1) * co + BC]);
-                    // SAFETY: dotprod (the broadcast tiles run only there); `xs` holds P
-                    // rows of ci, `wb` one block of ci ÷ 4 rounded up groups, `m`, `bs`
-                    // BC values; `r` and `o` (from c0) P rows of BC at a stride of co.
-                    unsafe {
-                        neon::last_tile(xs.as_ptr(), ci, wb.as_ptr(), &k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o[c0..].as_mut_ptr(), co)
-                    };
+                    run(xs, b, &k, residual.map(|r| &r[p0 * co + c0..]), &mut o[c0..], co);
                     continue;
                 }
                 if let Some(r) = residual {
@@ -415,11 +435,7 @@ impl QPointwise {
                         rb[p * BC..][..nc].copy_from_slice(&r[(p0 + p) * co + c0..][..nc]);
                     }
                 }
-                // SAFETY: as above, `r` and the output through the P × BC buffers
-                // (stride BC).
-                unsafe {
-                    neon::last_tile(xs.as_ptr(), ci, wb.as_ptr(), &k, m.as_ptr(), bs.as_ptr(), residual.map(|_| rb.as_ptr()), ob.as_mut_ptr(), BC)
-                };
+                run(xs, b, &k, residual.map(|_| &rb[..]), &mut ob, BC);
                 for p in 0..np {
                     o[p * co + c0..][..nc].copy_from_slice(&ob[p * BC..][..nc]);
                 }
@@ -428,18 +444,42 @@ impl QPointwise {
         }
     }
 
-    /// Channel-last in, channel-first out by the broadcast tile, output
-    /// channels `rows.0..rows.1`: 16 pixels × 4 output channels a tile,
-    /// the sums transposed and requantized in registers; a block short of
+    /// Channel-last in, channel-first out by this CPU's tile, output
+    /// channels `rows.0..rows.1`: 16 pixels × 4 output channels a tile
+    /// (the broadcast tile with `SDOT`, four 4 × 4 tiles without), the
+    /// sums transposed and requantized in registers; a block short of
     /// pixels through buffers.
     #[cfg(target_arch = "aarch64")]
-    fn broadcast_first(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
+    fn fused_first(&self, tile: RowsKernel, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
         const P: usize = 16;
-        let (ci, n) = (self.ci, self.pixels);
+        let (ci, n, kp) = (self.ci, self.pixels, self.kp);
         let (_, w) = &*self.broadcast;
-        let (mult, bias) = &*self.padded;
-        let block = ci.div_ceil(4) * 16;
         let k = super::epilogue::neon::Consts::new(&self.requant);
+        // Tile t's channels j0..j1 on P rows of ci from `x`; the residual and
+        // output (when given) j1 − j0 rows of P at a stride of `stride`.
+        let run = |x: &[i8], t: usize, js: (usize, usize), r: Option<&[i8]>, o: &mut [i8], stride: usize| {
+            let (m, bs) = (&self.padded.0[4 * t..][..4], &self.padded.1[4 * t..][..4]);
+            let (x, r) = (&x[..P * ci], r.map(|r| &r[..(js.1 - js.0 - 1) * stride + P]));
+            let o = &mut o[..(js.1 - js.0 - 1) * stride + P];
+            match tile {
+                RowsKernel::Sdot => {
+                    let block = ci.div_ceil(4) * 16;
+                    let wb = &w[t * block..][..block];
+                    // SAFETY: dotprod (this tile's CPUs); `x` holds P rows of ci, `wb` one
+                    // block of groups, `m`, `bs` 4 values; j0 < j1 ≤ 4; `r` and `o`
+                    // j1 − j0 rows of P at a stride of `stride` (sliced just above).
+                    unsafe { neon::first_tile(x.as_ptr(), ci, wb.as_ptr(), &k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), stride, js) }
+                }
+                RowsKernel::Mull => {
+                    let wb = &self.rows[4 * t * kp..][..4 * kp];
+                    // SAFETY: as above, `wb` 4 rows of kp (ci rounded up to 16, zeros
+                    // past ci); the weights are within ±127 (checked in new()).
+                    unsafe {
+                        neon::first_tile_mull(x.as_ptr(), ci, wb.as_ptr(), kp, &k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), stride, js)
+                    }
+                }
+            }
+        };
         let (c0, c1) = rows;
         if c0 >= c1 {
             return;
@@ -451,20 +491,11 @@ impl QPointwise {
         for t in c0 / 4..(c1 - 1) / 4 + 1 {
             // The channels of tile t in the chunk: j0..j1 of its four.
             let (j0, j1) = (c0.max(4 * t) - 4 * t, c1.min(4 * t + 4) - 4 * t);
-            let wb = &w[t * block..][..block];
-            let (m, bs) = (&mult[4 * t..][..4], &bias[4 * t..][..4]);
             let o = &mut out[(4 * t + j0 - c0) * n..][..(j1 - j0) * n];
             for p0 in (0..n).step_by(P) {
                 let np = P.min(n - p0);
                 if np == P {
-                    let xs = &x[p0 * ci..][..P * ci];
-                    let r = residual.map(|r| &r[(4 * t + j0) * n + p0..][..(j1 - j0 - 1) * n + P]);
-                    // SAFETY: dotprod; `xs` holds P rows of ci, `wb` one block of groups,
-                    // `m`, `bs` 4 values; `r` and `o` (from p0) j1 − j0 rows of P at a
-                    // stride of n.
-                    unsafe {
-                        neon::first_tile(xs.as_ptr(), ci, wb.as_ptr(), &k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o[p0..].as_mut_ptr(), n, (j0, j1))
-                    };
+                    run(&x[p0 * ci..], t, (j0, j1), residual.map(|r| &r[(4 * t + j0) * n + p0..]), &mut o[p0..], n);
                     continue;
                 }
                 if let Some(r) = residual {
@@ -472,11 +503,7 @@ impl QPointwise {
                         rb[(j - j0) * P..][..np].copy_from_slice(&r[(4 * t + j) * n + p0..][..np]);
                     }
                 }
-                // SAFETY: as above, through the buffers (P rows of ci; j1 − j0 rows
-                // of P at a stride of P).
-                unsafe {
-                    neon::first_tile(xb.as_ptr(), ci, wb.as_ptr(), &k, m.as_ptr(), bs.as_ptr(), residual.map(|_| rb.as_ptr()), ob.as_mut_ptr(), P, (j0, j1))
-                };
+                run(&xb, t, (j0, j1), residual.map(|_| &rb[..]), &mut ob, P);
                 for j in 0..j1 - j0 {
                     o[j * n + p0..][..np].copy_from_slice(&ob[j * P..][..np]);
                 }

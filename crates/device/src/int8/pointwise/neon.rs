@@ -53,7 +53,7 @@ pub(super) unsafe fn tile(x: *const i8, n: usize, ci: usize, w: &[i16]) -> [[i32
 /// `acc[p][c] = Σₖ x_p[k]·w_c[k]`, 16 input channels a step, each pixel
 /// against each channel in one vector of four 4-wide partial sums, reduced
 /// by pairwise adds at the end.
-macro_rules! rows_tile {
+macro_rules! rows_sums {
     ($x:ident, $ci:ident, $w:ident, $kp:ident, $step:ident) => {{
         let mut a = [[vdupq_n_s32(0); CB]; PB];
         let whole = $ci / 16 * 16;
@@ -69,13 +69,18 @@ macro_rules! rows_tile {
             k += 16;
         }
         if whole < $ci {
-            // The last input channels of each row through a zeroed buffer
-            // (the weights past `ci` are zeros).
+            // The last input channels of each row by an 8-byte load where
+            // there are 8, else through a zeroed buffer (the weights past
+            // `ci` are zeros).
             let mut xv = [vdupq_n_s8(0); PB];
             for (p, xv) in xv.iter_mut().enumerate() {
-                let mut b = [0i8; 16];
-                std::ptr::copy_nonoverlapping($x[p].add(whole), b.as_mut_ptr(), $ci - whole);
-                *xv = vld1q_s8(b.as_ptr());
+                if $ci - whole == 8 {
+                    *xv = vcombine_s8(vld1_s8($x[p].add(whole)), vdup_n_s8(0));
+                } else {
+                    let mut b = [0i8; 16];
+                    std::ptr::copy_nonoverlapping($x[p].add(whole), b.as_mut_ptr(), $ci - whole);
+                    *xv = vld1q_s8(b.as_ptr());
+                }
             }
             let wv = [vld1q_s8($w.add(k)), vld1q_s8($w.add($kp + k)), vld1q_s8($w.add(2 * $kp + k)), vld1q_s8($w.add(3 * $kp + k))];
             for p in 0..PB {
@@ -84,10 +89,18 @@ macro_rules! rows_tile {
                 }
             }
         }
+        let s: [int32x4_t; PB] = std::array::from_fn(|p| vpaddq_s32(vpaddq_s32(a[p][0], a[p][1]), vpaddq_s32(a[p][2], a[p][3])));
+        s
+    }};
+}
+
+/// [`rows_sums`] stored: `[[i32; CB]; PB]`.
+macro_rules! rows_tile {
+    ($x:ident, $ci:ident, $w:ident, $kp:ident, $step:ident) => {{
+        let s = rows_sums!($x, $ci, $w, $kp, $step);
         let mut out = [[0i32; CB]; PB];
         for p in 0..PB {
-            let s = vpaddq_s32(vpaddq_s32(a[p][0], a[p][1]), vpaddq_s32(a[p][2], a[p][3]));
-            vst1q_s32(out[p].as_mut_ptr(), s);
+            vst1q_s32(out[p].as_mut_ptr(), s[p]);
         }
         out
     }};
@@ -292,8 +305,23 @@ pub(super) unsafe fn first_tile(
     unsafe {
         let b = vld1q_s32(bias);
         let a = broadcast::<16, 1>(x, ci, w, [[b]; 16]);
-        // a[p][0] holds channels 0..4 of pixel p; s[j][q], pixels 4q..4q + 4
-        // of channel j.
+        store_first(a, k, mult, res, out, stride, (j0, j1));
+    }
+}
+
+/// The sums of 16 pixels × 4 channels (`a[p][0]`: channels 0..4 of pixel
+/// `p`, biases included) transposed to 4 channels × 16 pixels,
+/// requantized, channel `j` of `j0..j1` stored at `out[(j − j0)·stride]`
+/// with the residual at `res[(j − j0)·stride]`.
+///
+/// # Safety
+/// `mult` has 4 values; `j0 ≤ j1 ≤ 4`; `res` (when given) and `out` hold 16
+/// values at each of the `j1 − j0` rows of `stride`.
+#[inline(always)]
+unsafe fn store_first(a: [[int32x4_t; 1]; 16], k: &Consts, mult: *const f32, res: Option<*const i8>, out: *mut i8, stride: usize, (j0, j1): (usize, usize)) {
+    // SAFETY: the loads and stores stay in the ranges the caller vouches for.
+    unsafe {
+        // s[j][q]: pixels 4q..4q + 4 of channel j.
         let mut s = [[vdupq_n_s32(0); 4]; 4];
         for q in 0..4 {
             let (a0, a1, a2, a3) = (a[4 * q][0], a[4 * q + 1][0], a[4 * q + 2][0], a[4 * q + 3][0]);
@@ -348,5 +376,79 @@ pub(super) unsafe fn transpose16(src: *const i8, dst: *mut i8, rows: usize, cols
         for (j, v) in v.iter().enumerate() {
             vst1q_s8(dst.add((c0 + j) * rows + r0), *v);
         }
+    }
+}
+
+/// [`last_tile`] without the dot product instructions: the 16 channels as
+/// four tiles of [`CB`] weight rows (`w`: 16 rows of `kp`, zeros past
+/// `ci`), each by `SMULL`/`SMLAL2`/`SADALP` ([`rows_mull`]'s step).
+///
+/// # Safety
+/// As [`last_tile`], with `w` holding 16 rows of `kp` (`ci` rounded up to
+/// 16) and weights within ±127 instead of dotprod.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn last_tile_mull(
+    x: *const i8,
+    ci: usize,
+    w: *const i8,
+    kp: usize,
+    k: &Consts,
+    mult: *const f32,
+    bias: *const i32,
+    res: Option<*const i8>,
+    out: *mut i8,
+    stride: usize,
+) {
+    // SAFETY: the loads and stores stay in the ranges the caller vouches for.
+    unsafe {
+        let xs = [x, x.add(ci), x.add(2 * ci), x.add(3 * ci)];
+        let mut s = [[vdupq_n_s32(0); 4]; PB];
+        for (t, b) in (0..4).map(|t| (t, vld1q_s32(bias.add(4 * t)))) {
+            let wt = w.add(t * CB * kp);
+            let r = rows_sums!(xs, ci, wt, kp, mull);
+            for p in 0..PB {
+                s[p][t] = vaddq_s32(r[p], b);
+            }
+        }
+        let m: [float32x4_t; 4] = std::array::from_fn(|v| vld1q_f32(mult.add(4 * v)));
+        for (p, s) in s.iter().enumerate() {
+            vst1q_s8(out.add(p * stride), requant_sums(k, *s, m, res.map(|r| r.add(p * stride))));
+        }
+    }
+}
+
+/// [`first_tile`] without the dot product instructions: the 16 pixels as
+/// four blocks of [`PB`] against the 4 weight rows `w` (of `kp`, zeros
+/// past `ci`), each by [`rows_mull`]'s step.
+///
+/// # Safety
+/// As [`first_tile`], with `w` holding 4 rows of `kp` (`ci` rounded up to
+/// 16) and weights within ±127 instead of dotprod.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn first_tile_mull(
+    x: *const i8,
+    ci: usize,
+    w: *const i8,
+    kp: usize,
+    k: &Consts,
+    mult: *const f32,
+    bias: *const i32,
+    res: Option<*const i8>,
+    out: *mut i8,
+    stride: usize,
+    channels: (usize, usize),
+) {
+    // SAFETY: the loads and stores stay in the ranges the caller vouches for.
+    unsafe {
+        let b = vld1q_s32(bias);
+        let mut a = [[b]; 16];
+        for q in 0..4 {
+            let xs = [x.add(4 * q * ci), x.add((4 * q + 1) * ci), x.add((4 * q + 2) * ci), x.add((4 * q + 3) * ci)];
+            let r = rows_sums!(xs, ci, w, kp, mull);
+            for p in 0..PB {
+                a[4 * q + p][0] = vaddq_s32(r[p], b);
+            }
+        }
+        store_first(a, k, mult, res, out, stride, channels);
     }
 }
