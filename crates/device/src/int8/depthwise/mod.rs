@@ -27,7 +27,9 @@ pub struct QDepthwise {
     out_shape: TVec<usize>,
     /// Tap `t = ky·kw + kx`, channel `c` at `t·c + c`, widened.
     weights: Arc<Vec<i16>>,
-    /// The same, int8 (the NEON kernel's).
+    /// Int8, by blocks of 16 channels: block `b`, tap `t`, channel `16b + j`
+    /// at `(b·kh·kw + t)·16 + j` (the NEON kernel's; the last `c % 16`
+    /// channels are not in it).
     weights8: Arc<Vec<i8>>,
     x_zero_point: i32,
     requant: Arc<Requant>,
@@ -83,7 +85,13 @@ impl QDepthwise {
         }
         // Over the padded input every term is an int8 value times a weight.
         folded.check(c, (kh * kw) as i64 * 128 * 128)?;
-        let weights8 = packed.iter().map(|&w| w as i8).collect();
+        // By blocks of 16 channels, each tap's 16 together (the NEON kernel's
+        // order); the channels past the last 16 are read from `weights`.
+        let mut weights8 = vec![0i8; c / 16 * 16 * kh * kw];
+        for (i, w8) in weights8.iter_mut().enumerate() {
+            let (block, t, ch) = (i / (16 * kh * kw), i / 16 % (kh * kw), i % 16);
+            *w8 = weights[(16 * block + ch) * kh * kw + t];
+        }
         Ok(QDepthwise {
             geometry,
             layout,
@@ -141,7 +149,7 @@ impl QDepthwise {
                 let t = neon::Window { kh, kw, row: wp * c, c, step: sx * c };
                 let xs = &xp[x0..][..((kh - 1) * wp + (ow - 1) * sx + kw) * c];
                 // SAFETY: `xs` runs to the last tap of the last position (ky < kh, kx < kw,
-                // ox < ow, ch < c16 ≤ c), the weights hold kh·kw·c values and `o`, `r`
+                // ox < ow, ch < c16 ≤ c), the weights hold kh·kw·c16 values and `o`, `r`
                 // ow·c; the multipliers and biases hold c ≥ c16; weights within ±127 (new()).
                 unsafe {
                     neon::row(

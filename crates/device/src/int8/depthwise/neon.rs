@@ -26,8 +26,9 @@ pub(super) struct Window {
 
 /// One output row, channels `0..c16` (a multiple of 16): for output
 /// position `ox < ow`, `out[ox·c + ch] = requant(bias[ch] + Σ_taps x[ky·row
-/// + kx·c + ox·step + ch]·w[(ky·kw + kx)·c + ch])` with the residual at
-/// `res[ox·c + ch]`.
+/// + kx·c + ox·step + ch]·w(ky·kw + kx, ch))` with the residual at
+/// `res[ox·c + ch]`; the weights by blocks of 16 channels, each tap's 16
+/// together: `w(t, ch)` at `(ch / 16·kh·kw + t)·16 + ch % 16`.
 ///
 /// # Safety
 /// Every such index of `x`, `w`, `res` and `out` is in range; `mult` and
@@ -45,109 +46,102 @@ pub(super) unsafe fn row(
     out: *mut i8,
     c16: usize,
 ) {
-    // SAFETY: the caller vouches for every index; the kernel sizes below
-    // are the same window.
+    // The row's loops around `$taps`, which adds the taps of one position
+    // and 16 channels to `$a` with `$tap(i)`: tap i's input and weights.
+    macro_rules! row_with {
+        ($kh:expr, $kw:expr, |$a:ident, $tap:ident| $taps:block) => {{
+            let (kh, kw, c) = ($kh, $kw, t.c);
+            let mut ch = 0;
+            while ch < c16 {
+                let b = [vld1q_s32(bias.add(ch)), vld1q_s32(bias.add(ch + 4)), vld1q_s32(bias.add(ch + 8)), vld1q_s32(bias.add(ch + 12))];
+                let m = [vld1q_f32(mult.add(ch)), vld1q_f32(mult.add(ch + 4)), vld1q_f32(mult.add(ch + 8)), vld1q_f32(mult.add(ch + 12))];
+                let wb = w.add(ch * kh * kw);
+                for ox in 0..ow {
+                    let xc = x.add(ox * t.step + ch);
+                    let $tap = |i: usize| (vld1q_s8(xc.add((i / kw) * t.row + (i % kw) * c)), vld1q_s8(wb.add(16 * i)));
+                    let mut $a = b;
+                    $taps
+                    let r = res.map(|r| r.add(ox * c + ch));
+                    vst1q_s8(out.add(ox * c + ch), requant_sums(k, $a, m, r));
+                }
+                ch += 16;
+            }
+        }};
+    }
+    // SAFETY: tap i = (ky, kx) of position ox, channels ch..ch + 16, reads
+    // x[ky·row + kx·c + ox·step + ch..] and the block's 16 weights of tap
+    // i, and writes out[ox·c + ch..]: the indices the caller vouches for;
+    // each arm's kernel size is the window's.
     unsafe {
         match (t.kh, t.kw) {
-            (3, 3) => row_of::<3, 3>(x, w, t, ow, k, mult, bias, res, out, c16),
-            (5, 5) => row_of::<5, 5>(x, w, t, ow, k, mult, bias, res, out, c16),
-            _ => row_any(x, w, t, ow, k, mult, bias, res, out, c16),
+            (3, 3) => row_with!(3, 3, |a, tap| {
+                pair(&mut a, tap(0), tap(1));
+                pair(&mut a, tap(2), tap(3));
+                pair(&mut a, tap(4), tap(5));
+                pair(&mut a, tap(6), tap(7));
+                single(&mut a, tap(8));
+            }),
+            (5, 5) => row_with!(5, 5, |a, tap| {
+                pair(&mut a, tap(0), tap(1));
+                pair(&mut a, tap(2), tap(3));
+                pair(&mut a, tap(4), tap(5));
+                pair(&mut a, tap(6), tap(7));
+                pair(&mut a, tap(8), tap(9));
+                pair(&mut a, tap(10), tap(11));
+                pair(&mut a, tap(12), tap(13));
+                pair(&mut a, tap(14), tap(15));
+                pair(&mut a, tap(16), tap(17));
+                pair(&mut a, tap(18), tap(19));
+                pair(&mut a, tap(20), tap(21));
+                pair(&mut a, tap(22), tap(23));
+                single(&mut a, tap(24));
+            }),
+            (kh, kw) => row_with!(kh, kw, |a, tap| {
+                let mut i = 0;
+                while i + 1 < kh * kw {
+                    pair(&mut a, tap(i), tap(i + 1));
+                    i += 2;
+                }
+                if i < kh * kw {
+                    single(&mut a, tap(i));
+                }
+            }),
         }
     }
 }
 
-/// [`row`] for a `KH × KW` kernel, its taps unrolled.
-#[allow(clippy::too_many_arguments)]
-unsafe fn row_of<const KH: usize, const KW: usize>(
-    x: *const i8,
-    w: *const i8,
-    t: &Window,
-    ow: usize,
-    k: &Consts,
-    mult: *const f32,
-    bias: *const i32,
-    res: Option<*const i8>,
-    out: *mut i8,
-    c16: usize,
-) {
-    // SAFETY: as in `row`.
-    unsafe { row_taps(x, w, t, KH, KW, ow, k, mult, bias, res, out, c16) }
-}
-
-/// [`row`] for any kernel.
-#[allow(clippy::too_many_arguments)]
-unsafe fn row_any(
-    x: *const i8,
-    w: *const i8,
-    t: &Window,
-    ow: usize,
-    k: &Consts,
-    mult: *const f32,
-    bias: *const i32,
-    res: Option<*const i8>,
-    out: *mut i8,
-    c16: usize,
-) {
-    // SAFETY: as in `row`.
-    unsafe { row_taps(x, w, t, t.kh, t.kw, ow, k, mult, bias, res, out, c16) }
-}
-
+/// The products of two taps (input, weights) summed in i16, widened into
+/// `a`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn row_taps(
-    x: *const i8,
-    w: *const i8,
-    t: &Window,
-    kh: usize,
-    kw: usize,
-    ow: usize,
-    k: &Consts,
-    mult: *const f32,
-    bias: *const i32,
-    res: Option<*const i8>,
-    out: *mut i8,
-    c16: usize,
-) {
-    // SAFETY: tap (ky, kx) of position ox, channels ch..ch + 16, reads
-    // x[ky·row + kx·c + ox·step + ch..] and w[(ky·kw + kx)·c + ch..], and
-    // writes out[ox·c + ch..]: the indices the caller vouches for.
+fn pair(a: &mut [int32x4_t; 4], (x0, w0): (int8x16_t, int8x16_t), (x1, w1): (int8x16_t, int8x16_t)) {
+    // SAFETY: NEON is in the aarch64 baseline; registers only.
+    #[allow(unused_unsafe)]
     unsafe {
-        let taps = kh * kw;
-        let c = t.c;
-        let at = |i: usize| (i / kw) * t.row + (i % kw) * c;
-        let mut ch = 0;
-        while ch < c16 {
-            let b = [vld1q_s32(bias.add(ch)), vld1q_s32(bias.add(ch + 4)), vld1q_s32(bias.add(ch + 8)), vld1q_s32(bias.add(ch + 12))];
-            let m = [vld1q_f32(mult.add(ch)), vld1q_f32(mult.add(ch + 4)), vld1q_f32(mult.add(ch + 8)), vld1q_f32(mult.add(ch + 12))];
-            let wc = w.add(ch);
-            for ox in 0..ow {
-                let xc = x.add(ox * t.step + ch);
-                let mut a = b;
-                let mut i = 0;
-                while i + 1 < taps {
-                    let (x0, x1) = (vld1q_s8(xc.add(at(i))), vld1q_s8(xc.add(at(i + 1))));
-                    let (w0, w1) = (vld1q_s8(wc.add(i * c)), vld1q_s8(wc.add((i + 1) * c)));
-                    let lo = vmlal_s8(vmull_s8(vget_low_s8(x0), vget_low_s8(w0)), vget_low_s8(x1), vget_low_s8(w1));
-                    let hi = vmlal_high_s8(vmull_high_s8(x0, w0), x1, w1);
-                    a[0] = vaddw_s16(a[0], vget_low_s16(lo));
-                    a[1] = vaddw_high_s16(a[1], lo);
-                    a[2] = vaddw_s16(a[2], vget_low_s16(hi));
-                    a[3] = vaddw_high_s16(a[3], hi);
-                    i += 2;
-                }
-                if i < taps {
-                    let (x0, w0) = (vld1q_s8(xc.add(at(i))), vld1q_s8(wc.add(i * c)));
-                    let lo = vmull_s8(vget_low_s8(x0), vget_low_s8(w0));
-                    let hi = vmull_high_s8(x0, w0);
-                    a[0] = vaddw_s16(a[0], vget_low_s16(lo));
-                    a[1] = vaddw_high_s16(a[1], lo);
-                    a[2] = vaddw_s16(a[2], vget_low_s16(hi));
-                    a[3] = vaddw_high_s16(a[3], hi);
-                }
-                let r = res.map(|r| r.add(ox * c + ch));
-                vst1q_s8(out.add(ox * c + ch), requant_sums(k, a, m, r));
-            }
-            ch += 16;
-        }
+        let lo = vmlal_s8(vmull_s8(vget_low_s8(x0), vget_low_s8(w0)), vget_low_s8(x1), vget_low_s8(w1));
+        let hi = vmlal_high_s8(vmull_high_s8(x0, w0), x1, w1);
+        widen(a, lo, hi);
+    }
+}
+
+/// The products of one tap, widened into `a`.
+#[inline(always)]
+fn single(a: &mut [int32x4_t; 4], (x0, w0): (int8x16_t, int8x16_t)) {
+    // SAFETY: NEON is in the aarch64 baseline; registers only.
+    #[allow(unused_unsafe)]
+    unsafe {
+        widen(a, vmull_s8(vget_low_s8(x0), vget_low_s8(w0)), vmull_high_s8(x0, w0));
+    }
+}
+
+/// `a` += the 16 i16 values `lo`, `hi`, widened.
+#[inline(always)]
+fn widen(a: &mut [int32x4_t; 4], lo: int16x8_t, hi: int16x8_t) {
+    // SAFETY: NEON is in the aarch64 baseline; registers only.
+    #[allow(unused_unsafe)]
+    unsafe {
+        a[0] = vaddw_s16(a[0], vget_low_s16(lo));
+        a[1] = vaddw_high_s16(a[1], lo);
+        a[2] = vaddw_s16(a[2], vget_low_s16(hi));
+        a[3] = vaddw_high_s16(a[3], hi);
     }
 }
