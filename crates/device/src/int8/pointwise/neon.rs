@@ -215,13 +215,39 @@ unsafe fn broadcast<const P: usize, const V: usize>(x: *const i8, ci: usize, w: 
                 }
             };
         }
-        for s in 0..whole {
-            let xv: [int8x16_t; P] = std::array::from_fn(|p| vld1q_s8(x.add(p * ci + 16 * s)));
-            let wp = w.add(s * 4 * V * 16);
-            lane!(xv, wp, 0);
-            lane!(xv, wp, 1);
-            lane!(xv, wp, 2);
-            lane!(xv, wp, 3);
+        if V == 1 && P <= 16 {
+            // One vector of weights a lane: the step's four in registers, the
+            // pixels 8 at a time (16 sums, 8 pixels, 4 weights: 28 registers).
+            for s in 0..whole {
+                let wp = w.add(s * 64);
+                let wv = [vld1q_s8(wp), vld1q_s8(wp.add(16)), vld1q_s8(wp.add(32)), vld1q_s8(wp.add(48))];
+                // Written out per group: a loop over the groups kept the sums in memory.
+                macro_rules! group {
+                    ($p0:expr) => {
+                        let (p0, n) = ($p0, 8.min(P - $p0));
+                        let xv: [int8x16_t; 8] = std::array::from_fn(|p| vld1q_s8(x.add((p0 + p.min(n - 1)) * ci + 16 * s)));
+                        for p in 0..n {
+                            sdot_lane!(a[p0 + p][0], wv[0], xv[p], 0);
+                            sdot_lane!(a[p0 + p][0], wv[1], xv[p], 1);
+                            sdot_lane!(a[p0 + p][0], wv[2], xv[p], 2);
+                            sdot_lane!(a[p0 + p][0], wv[3], xv[p], 3);
+                        }
+                    };
+                }
+                group!(0);
+                if P > 8 {
+                    group!(8);
+                }
+            }
+        } else {
+            for s in 0..whole {
+                let xv: [int8x16_t; P] = std::array::from_fn(|p| vld1q_s8(x.add(p * ci + 16 * s)));
+                let wp = w.add(s * 4 * V * 16);
+                lane!(xv, wp, 0);
+                lane!(xv, wp, 1);
+                lane!(xv, wp, 2);
+                lane!(xv, wp, 3);
+            }
         }
         let rem = ci - 16 * whole;
         if rem > 0 {
