@@ -71,13 +71,20 @@ pub(super) unsafe fn requant16(k: &Consts, acc: *const i32, p: Params<'_>, res: 
 #[inline(always)]
 pub(in crate::int8) unsafe fn requant_sums(k: &Consts, s: [int32x4_t; 4], m: [float32x4_t; 4], res: Option<*const i8>) -> int8x16_t {
     // SAFETY: the one load is the 16 residual values the caller vouches for.
+    unsafe { requant_regs(k, s, m, res.map(|r| vld1q_s8(r))) }
+}
+
+/// [`requant_sums`] with the residual's 16 values in a register.
+#[inline(always)]
+pub(in crate::int8) fn requant_regs(k: &Consts, s: [int32x4_t; 4], m: [float32x4_t; 4], res: Option<int8x16_t>) -> int8x16_t {
+    // SAFETY: NEON is in the aarch64 baseline; registers only.
+    #[allow(unused_unsafe)]
     unsafe {
         let mut v = [vdupq_n_f32(0.0); 4];
         for i in 0..4 {
             v[i] = vmulq_f32(vcvtq_f32_s32(s[i]), m[i]);
         }
         if let (Some(r), Some((mr, zr))) = (res, k.residual) {
-            let r = vld1q_s8(r);
             let (l, h) = (vsubl_s8(vget_low_s8(r), zr), vsubl_s8(vget_high_s8(r), zr));
             let r = [vmovl_s16(vget_low_s16(l)), vmovl_high_s16(l), vmovl_s16(vget_low_s16(h)), vmovl_high_s16(h)];
             for i in 0..4 {

@@ -85,16 +85,19 @@ pub struct QPointwise {
     rows: Arc<Vec<i8>>,
     /// `ci` rounded up to 16.
     kp: usize,
-    /// The broadcast tiles' weights (`SDOT` by element, where the CPU has
-    /// it; empty elsewhere): blocks of [`BC`] output channels (channel-last
-    /// out) and of 4 (channel-first out), each by groups of 4 input
-    /// channels, as `neon::broadcast` reads them.
+    /// The broadcast tile's weights (`SDOT` by element, where the CPU has
+    /// it; empty elsewhere): blocks of [`BC`] output channels, each by
+    /// groups of 4 input channels, as `neon::broadcast` reads them.
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
-    broadcast: Arc<(Vec<i8>, Vec<i8>)>,
+    broadcast: Arc<Vec<i8>>,
     /// The multipliers and biases, zeros past `co` up to a whole block of
     /// [`BC`] (empty without a channel-last tile).
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     padded: Arc<(Vec<f32>, Vec<i32>)>,
+    /// The padded multipliers, each 4 times (the broadcast tile's
+    /// channel-first output; empty without it).
+    #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+    mult4: Arc<Vec<f32>>,
     requant: Arc<Requant>,
 }
 
@@ -238,8 +241,12 @@ impl QPointwise {
             rows[c * kp..][..ci].copy_from_slice(w);
         }
         let broadcast = match rows_kernel() {
-            Some(k) if k.broadcast() => (broadcast_pack(weights, ci, co, BC / 4), broadcast_pack(weights, ci, co, 1)),
-            _ => Default::default(),
+            Some(k) if k.broadcast() => broadcast_pack(weights, ci, co, BC / 4),
+            _ => Vec::new(),
+        };
+        let mult4 = match rows_kernel() {
+            Some(k) if k.broadcast() => (0..co.div_ceil(BC) * BC * 4).map(|i| requant.multiplier.get(i / 4).copied().unwrap_or(0.0)).collect(),
+            _ => Vec::new(),
         };
         let padded = if rows_kernel().is_some() {
             let cp = co.div_ceil(BC) * BC;
@@ -265,6 +272,7 @@ impl QPointwise {
             kp,
             broadcast: Arc::new(broadcast),
             padded: Arc::new(padded),
+            mult4: Arc::new(mult4),
             requant: Arc::new(requant),
         })
     }
@@ -322,7 +330,8 @@ impl QPointwise {
         if let Some(tile) = tile {
             match self.output {
                 Layout::PixelMajor => self.fused_last(tile, x, residual, out, rows),
-                Layout::ChannelMajor => self.fused_first(tile, x, residual, out, rows),
+                Layout::ChannelMajor if tile.broadcast() => self.broadcast_first(x, residual, out, rows),
+                Layout::ChannelMajor => self.mull_first(x, residual, out, rows),
             }
             return;
         }
@@ -385,7 +394,7 @@ impl QPointwise {
     fn fused_last(&self, tile: RowsKernel, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
         const P: usize = 4;
         let (ci, co, kp) = (self.ci, self.co, self.kp);
-        let (w, _) = &*self.broadcast;
+        let w = &*self.broadcast;
         // One block's tile on P rows of ci from `x`; the residual and output
         // (when given) P rows of BC at a stride of `stride`.
         let run = |x: &[i8], b: usize, k: &super::epilogue::neon::Consts, r: Option<&[i8]>, o: &mut [i8], stride: usize| {
@@ -444,16 +453,14 @@ impl QPointwise {
         }
     }
 
-    /// Channel-last in, channel-first out by this CPU's tile, output
-    /// channels `rows.0..rows.1`: 16 pixels × 4 output channels a tile
-    /// (the broadcast tile with `SDOT`, four 4 × 4 tiles without), the
-    /// sums transposed and requantized in registers; a block short of
-    /// pixels through buffers.
+    /// Channel-last in, channel-first out without the broadcast tile,
+    /// output channels `rows.0..rows.1`: 16 pixels × 4 output channels a
+    /// tile (four 4 × 4 `SMULL`/`SADALP` tiles), the sums transposed and
+    /// requantized in registers; a block short of pixels through buffers.
     #[cfg(target_arch = "aarch64")]
-    fn fused_first(&self, tile: RowsKernel, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
+    fn mull_first(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
         const P: usize = 16;
         let (ci, n, kp) = (self.ci, self.pixels, self.kp);
-        let (_, w) = &*self.broadcast;
         let k = super::epilogue::neon::Consts::new(&self.requant);
         // Tile t's channels j0..j1 on P rows of ci from `x`; the residual and
         // output (when given) j1 − j0 rows of P at a stride of `stride`.
@@ -461,23 +468,13 @@ impl QPointwise {
             let (m, bs) = (&self.padded.0[4 * t..][..4], &self.padded.1[4 * t..][..4]);
             let (x, r) = (&x[..P * ci], r.map(|r| &r[..(js.1 - js.0 - 1) * stride + P]));
             let o = &mut o[..(js.1 - js.0 - 1) * stride + P];
-            match tile {
-                RowsKernel::Sdot => {
-                    let block = ci.div_ceil(4) * 16;
-                    let wb = &w[t * block..][..block];
-                    // SAFETY: dotprod (this tile's CPUs); `x` holds P rows of ci, `wb` one
-                    // block of groups, `m`, `bs` 4 values; j0 < j1 ≤ 4; `r` and `o`
-                    // j1 − j0 rows of P at a stride of `stride` (sliced just above).
-                    unsafe { neon::first_tile(x.as_ptr(), ci, wb.as_ptr(), &k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), stride, js) }
-                }
-                RowsKernel::Mull => {
-                    let wb = &self.rows[4 * t * kp..][..4 * kp];
-                    // SAFETY: as above, `wb` 4 rows of kp (ci rounded up to 16, zeros
-                    // past ci); the weights are within ±127 (checked in new()).
-                    unsafe {
-                        neon::first_tile_mull(x.as_ptr(), ci, wb.as_ptr(), kp, &k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), stride, js)
-                    }
-                }
+            let wb = &self.rows[4 * t * kp..][..4 * kp];
+            // SAFETY: `x` holds P rows of ci, `wb` 4 rows of kp (ci rounded up to 16,
+            // zeros past ci), `m`, `bs` 4 values; j0 < j1 ≤ 4; `r` and `o` j1 − j0
+            // rows of P at a stride of `stride` (sliced just above); the weights
+            // are within ±127 (checked in new()).
+            unsafe {
+                neon::first_tile_mull(x.as_ptr(), ci, wb.as_ptr(), kp, &k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), stride, js)
             }
         };
         let (c0, c1) = rows;
@@ -504,6 +501,64 @@ impl QPointwise {
                     }
                 }
                 run(&xb, t, (j0, j1), residual.map(|_| &rb[..]), &mut ob, P);
+                for j in 0..j1 - j0 {
+                    o[j * n + p0..][..np].copy_from_slice(&ob[j * P..][..np]);
+                }
+            }
+        }
+    }
+
+    /// Channel-last in, channel-first out by the broadcast tile, output
+    /// channels `rows.0..rows.1`: 4 pixels × [`BC`] output channels a tile
+    /// (as channel-last out), the sums of each 4 channels transposed and
+    /// requantized in registers, stored 4 pixels a channel; a block short
+    /// of pixels through buffers.
+    #[cfg(target_arch = "aarch64")]
+    fn broadcast_first(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize)) {
+        const P: usize = 4;
+        let (ci, n) = (self.ci, self.pixels);
+        let w = &*self.broadcast;
+        let block = ci.div_ceil(4) * BC * 4;
+        let k = super::epilogue::neon::Consts::new(&self.requant);
+        let (c0, c1) = rows;
+        if c0 >= c1 {
+            return;
+        }
+        let mut xb = vec![0i8; P * ci];
+        let (last, np_last) = (n / P * P, n % P);
+        xb[..np_last * ci].copy_from_slice(&x[last * ci..][..np_last * ci]);
+        let (mut ob, mut rb) = ([0i8; BC * P], [0i8; BC * P]);
+        for b in c0 / BC..(c1 - 1) / BC + 1 {
+            // The channels of block b in the chunk: j0..j1 of its BC.
+            let (j0, j1) = (c0.max(BC * b) - BC * b, c1.min(BC * b + BC) - BC * b);
+            let o = &mut out[(BC * b + j0 - c0) * n..][..(j1 - j0) * n];
+            let wb = &w[b * block..][..block];
+            let (m4, bs) = (&self.mult4[4 * BC * b..][..4 * BC], &self.padded.1[BC * b..][..BC]);
+            let len = |stride: usize| (j1 - j0 - 1) * stride + P;
+            for p0 in (0..n).step_by(P) {
+                let np = P.min(n - p0);
+                if np == P {
+                    let xs = &x[p0 * ci..][..P * ci];
+                    let r = residual.map(|r| &r[(BC * b + j0) * n + p0..][..len(n)]);
+                    let o = &mut o[p0..][..len(n)];
+                    // SAFETY: dotprod (this tile's CPUs); `xs` holds P rows of ci, `wb` one
+                    // block of ci ÷ 4 rounded up groups, `m4` 4·BC and `bs` BC values;
+                    // j0 < j1 ≤ BC; `r` and `o` j1 − j0 rows of P at a stride of n.
+                    unsafe {
+                        neon::last_tile_t(xs.as_ptr(), ci, wb.as_ptr(), &k, m4.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), n, (j0, j1))
+                    };
+                    continue;
+                }
+                if let Some(r) = residual {
+                    for j in j0..j1 {
+                        rb[(j - j0) * P..][..np].copy_from_slice(&r[(BC * b + j) * n + p0..][..np]);
+                    }
+                }
+                // SAFETY: as above, through the buffers (P rows of ci; j1 − j0 rows of P
+                // at a stride of P, in BC·P values).
+                unsafe {
+                    neon::last_tile_t(xb.as_ptr(), ci, wb.as_ptr(), &k, m4.as_ptr(), bs.as_ptr(), residual.map(|_| rb.as_ptr()), ob.as_mut_ptr(), P, (j0, j1))
+                };
                 for j in 0..j1 - j0 {
                     o[j * n + p0..][..np].copy_from_slice(&ob[j * P..][..np]);
                 }

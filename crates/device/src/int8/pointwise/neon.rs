@@ -1,14 +1,20 @@
 //! The tiles of [`QPointwise`] in NEON. Channel-first input: [`TC`] output
 //! channels × [`TP`] pixels, one input channel a step, the pixels widened
 //! to i16 once and multiplied into i32 sums by lane (`SMLAL`/`SMLAL2`), 16
-//! accumulators. Channel-last input: [`PB`] pixels × [`CB`] output
-//! channels, 16 input channels a step, by `SDOT` where the CPU has it
-//! (16 multiply-accumulates an instruction) and by `SMULL`/`SMLAL2`/`SADALP`
-//! elsewhere.
+//! accumulators (the portable paths' kernel; the op itself transposes a
+//! channel-first input on aarch64). Channel-last input, with `SDOT`: the
+//! broadcast tile, 4 pixels × 16 output channels, each pixel's 4 input
+//! channels the lane of `SDOT` by element against 4 output channels' 4
+//! weights ([`last_tile`]; [`last_tile_t`] stores it channel-first, its
+//! sums transposed in registers). Without `SDOT`: [`PB`] pixels × [`CB`]
+//! output channels, each pair's partial sums by `SMULL`/`SMLAL2`/`SADALP`,
+//! reduced at the end, four such tiles per 4 × 16 ([`last_tile_mull`]) or
+//! 16 × 4 ([`first_tile_mull`]) block. The fused tiles requantize their
+//! sums in registers ([`requant_sums`]) and store int8.
 
 use std::arch::aarch64::*;
 
-use super::super::epilogue::neon::{requant_sums, Consts};
+use super::super::epilogue::neon::{requant_regs, requant_sums, Consts};
 use super::{CB, PB, TC, TP};
 
 /// The i32 sums of a tile: `acc[c][j] = Σₖ x[k·n + j]·w[k, c]` for the
@@ -215,39 +221,13 @@ unsafe fn broadcast<const P: usize, const V: usize>(x: *const i8, ci: usize, w: 
                 }
             };
         }
-        if V == 1 && P <= 16 {
-            // One vector of weights a lane: the step's four in registers, the
-            // pixels 8 at a time (16 sums, 8 pixels, 4 weights: 28 registers).
-            for s in 0..whole {
-                let wp = w.add(s * 64);
-                let wv = [vld1q_s8(wp), vld1q_s8(wp.add(16)), vld1q_s8(wp.add(32)), vld1q_s8(wp.add(48))];
-                // Written out per group: a loop over the groups kept the sums in memory.
-                macro_rules! group {
-                    ($p0:expr) => {
-                        let (p0, n) = ($p0, 8.min(P - $p0));
-                        let xv: [int8x16_t; 8] = std::array::from_fn(|p| vld1q_s8(x.add((p0 + p.min(n - 1)) * ci + 16 * s)));
-                        for p in 0..n {
-                            sdot_lane!(a[p0 + p][0], wv[0], xv[p], 0);
-                            sdot_lane!(a[p0 + p][0], wv[1], xv[p], 1);
-                            sdot_lane!(a[p0 + p][0], wv[2], xv[p], 2);
-                            sdot_lane!(a[p0 + p][0], wv[3], xv[p], 3);
-                        }
-                    };
-                }
-                group!(0);
-                if P > 8 {
-                    group!(8);
-                }
-            }
-        } else {
-            for s in 0..whole {
-                let xv: [int8x16_t; P] = std::array::from_fn(|p| vld1q_s8(x.add(p * ci + 16 * s)));
-                let wp = w.add(s * 4 * V * 16);
-                lane!(xv, wp, 0);
-                lane!(xv, wp, 1);
-                lane!(xv, wp, 2);
-                lane!(xv, wp, 3);
-            }
+        for s in 0..whole {
+            let xv: [int8x16_t; P] = std::array::from_fn(|p| vld1q_s8(x.add(p * ci + 16 * s)));
+            let wp = w.add(s * 4 * V * 16);
+            lane!(xv, wp, 0);
+            lane!(xv, wp, 1);
+            lane!(xv, wp, 2);
+            lane!(xv, wp, 3);
         }
         let rem = ci - 16 * whole;
         if rem > 0 {
@@ -299,39 +279,6 @@ pub(super) unsafe fn last_tile(
         for (p, a) in a.iter().enumerate() {
             vst1q_s8(out.add(p * stride), requant_sums(k, *a, m, res.map(|r| r.add(p * stride))));
         }
-    }
-}
-
-/// Channel-last in, channel-first out: 16 pixel rows (`x + p·ci`) against
-/// one block of 4 output channels (`w`, packed for [`broadcast`] with one
-/// vector), the sums from the biases, transposed to 4 channels × 16
-/// pixels and requantized in registers: channel `j` of `j0..j1` to
-/// `out[(j − j0)·stride + p]`, the residual at `res[(j − j0)·stride + p]`.
-///
-/// # Safety
-/// dotprod; `x` has 16 rows of `ci` at a stride of `ci`; `w` has
-/// `ci.div_ceil(4)·16` values, zeros past `ci`; `mult`, `bias` have 4
-/// values; `j0 ≤ j1 ≤ 4`; `res` (when given) and `out` hold 16 values at
-/// each of the `j1 − j0` rows of `stride`.
-#[target_feature(enable = "dotprod")]
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn first_tile(
-    x: *const i8,
-    ci: usize,
-    w: *const i8,
-    k: &Consts,
-    mult: *const f32,
-    bias: *const i32,
-    res: Option<*const i8>,
-    out: *mut i8,
-    stride: usize,
-    (j0, j1): (usize, usize),
-) {
-    // SAFETY: the loads and stores stay in the ranges the caller vouches for.
-    unsafe {
-        let b = vld1q_s32(bias);
-        let a = broadcast::<16, 1>(x, ci, w, [[b]; 16]);
-        store_first(a, k, mult, res, out, stride, (j0, j1));
     }
 }
 
@@ -476,5 +423,81 @@ pub(super) unsafe fn first_tile_mull(
             }
         }
         store_first(a, k, mult, res, out, stride, channels);
+    }
+}
+
+/// Channel-last in, channel-first out: 4 pixel rows against one block of
+/// [`BC`](super::BC) output channels, as [`last_tile`], the sums of each 4
+/// channels transposed in registers to 4 channels × 4 pixels and
+/// requantized (`mult4`: each channel's multiplier 4 times): channel `j`
+/// of `j0..j1` to `out[(j − j0)·stride + p]`, `p < 4`, the residual at
+/// `res[(j − j0)·stride + p]`.
+///
+/// # Safety
+/// dotprod; `x` has 4 rows of `ci` at a stride of `ci`; `w` has
+/// `ci.div_ceil(4)·64` values, zeros past `ci`; `mult4` has 64 values,
+/// `bias` 16; `j0 < j1 ≤ 16`; `res` (when given) and `out` hold 4 values at
+/// each of the `j1 − j0` rows of `stride`.
+#[target_feature(enable = "dotprod")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn last_tile_t(
+    x: *const i8,
+    ci: usize,
+    w: *const i8,
+    k: &Consts,
+    mult4: *const f32,
+    bias: *const i32,
+    res: Option<*const i8>,
+    out: *mut i8,
+    stride: usize,
+    (j0, j1): (usize, usize),
+) {
+    // SAFETY: the loads and stores stay in the ranges the caller vouches
+    // for: channel c = 4v + j is read and written only for j0 ≤ c < j1.
+    unsafe {
+        let b: [int32x4_t; 4] = std::array::from_fn(|v| vld1q_s32(bias.add(4 * v)));
+        let a = broadcast::<4, 4>(x, ci, w, [b; 4]);
+        for v in (j0 / 4)..j1.div_ceil(4) {
+            let (a0, a1, a2, a3) = (a[0][v], a[1][v], a[2][v], a[3][v]);
+            let (t0, t1) = (vtrn1q_s32(a0, a1), vtrn2q_s32(a0, a1));
+            let (t2, t3) = (vtrn1q_s32(a2, a3), vtrn2q_s32(a2, a3));
+            let d = |v: int32x4_t| vreinterpretq_s64_s32(v);
+            let s = [
+                vreinterpretq_s32_s64(vtrn1q_s64(d(t0), d(t2))),
+                vreinterpretq_s32_s64(vtrn1q_s64(d(t1), d(t3))),
+                vreinterpretq_s32_s64(vtrn2q_s64(d(t0), d(t2))),
+                vreinterpretq_s32_s64(vtrn2q_s64(d(t1), d(t3))),
+            ];
+            let m: [float32x4_t; 4] = std::array::from_fn(|j| vld1q_f32(mult4.add(16 * v + 4 * j)));
+            let inside = |j: usize| (j0..j1).contains(&(4 * v + j));
+            let at = |j: usize| (4 * v + j - j0) * stride;
+            let r = res.map(|r| {
+                let mut g = vdupq_n_s32(0);
+                macro_rules! gather {
+                    ($j:literal) => {
+                        if inside($j) {
+                            g = vsetq_lane_s32::<$j>(std::ptr::read_unaligned(r.add(at($j)) as *const i32), g);
+                        }
+                    };
+                }
+                gather!(0);
+                gather!(1);
+                gather!(2);
+                gather!(3);
+                vreinterpretq_s8_s32(g)
+            });
+            let o = vreinterpretq_s32_s8(requant_regs(k, s, m, r));
+            macro_rules! scatter {
+                ($j:literal) => {
+                    if inside($j) {
+                        std::ptr::write_unaligned(out.add(at($j)) as *mut i32, vgetq_lane_s32::<$j>(o));
+                    }
+                };
+            }
+            scatter!(0);
+            scatter!(1);
+            scatter!(2);
+            scatter!(3);
+        }
     }
 }
