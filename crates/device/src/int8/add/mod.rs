@@ -51,9 +51,12 @@ impl QAdd {
         }
     }
 
-    /// Checks the multipliers (finite) and zero points (int8).
+    /// Checks the multipliers (below [`MULTIPLIER`](super::MULTIPLIER) in
+    /// magnitude) and zero points (int8).
     pub fn check(&self) -> TractResult<()> {
-        ensure!(self.a.0.is_finite() && self.b.0.is_finite(), "{self:?}: multipliers not finite");
+        // Bounded multipliers keep both products, and their sum, finite.
+        let bound = super::MULTIPLIER;
+        ensure!(self.a.0.abs() < bound && self.b.0.abs() < bound, "{self:?}: multipliers not below {bound}");
         let int8 = -128..=127;
         ensure!(int8.contains(&self.a.1) && int8.contains(&self.b.1) && int8.contains(&self.zero_point), "{self:?}: zero points");
         Ok(())
