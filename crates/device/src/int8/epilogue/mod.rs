@@ -4,7 +4,8 @@
 //! same f32 operations in the same order as [`Requant::apply`] (convert,
 //! multiply, add the residual's product, bound, round half to even by the
 //! ISA's conversion, add the zero point, clamp), none fused, so the two are
-//! equal bit for bit.
+//! equal bit for bit (NEON saturates instead of bounding and clamping,
+//! which gives the same int8: `neon`'s notes).
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
