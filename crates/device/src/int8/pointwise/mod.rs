@@ -166,9 +166,9 @@ impl RowsKernel {
     fn name(self) -> &'static str {
         match self {
             #[cfg(target_arch = "aarch64")]
-            RowsKernel::Sdot => "neon (sdot by element; smlal channel-first)",
+            RowsKernel::Sdot => "neon (sdot by element)",
             #[cfg(target_arch = "aarch64")]
-            RowsKernel::Mull => "neon (smull/sadalp; smlal channel-first)",
+            RowsKernel::Mull => "neon (smull/sadalp)",
         }
     }
 }
@@ -316,18 +316,17 @@ impl QPointwise {
     }
 
     /// Channel-last in, output rows `rows.0..rows.1` (pixels channel-last,
-    /// channels channel-first): blocks of [`PB`] pixels, each against tiles
-    /// of [`CB`] output channels (the pixels' rows stay in cache while the
-    /// weights stream past), by this CPU's channel-last tile or (`kernel`
-    /// false, or none) the portable tile; then the sums requantized a
-    /// pixel's channels at a time (channel-last out) or a channel's [`TP`]
-    /// pixels at a time (channel-first out, blocks of [`TP`] pixels).
+    /// channels channel-first): by this CPU's fused channel-last tiles
+    /// where it has them and `kernel` is set; else blocks of [`PB`] pixels,
+    /// each against tiles of [`CB`] output channels in plain loops, then
+    /// the sums requantized a pixel's channels at a time (channel-last
+    /// out) or a channel's [`TP`] pixels at a time (channel-first out,
+    /// blocks of [`TP`] pixels).
     pub(super) fn pixel_major_with(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
         let (ci, co, n) = (self.ci, self.co, self.pixels);
         let cb = co.div_ceil(CB) * CB;
-        let tile = if kernel { rows_kernel() } else { None };
         #[cfg(target_arch = "aarch64")]
-        if let Some(tile) = tile {
+        if let Some(tile) = rows_kernel().filter(|_| kernel) {
             match self.output {
                 Layout::PixelMajor => self.fused_last(tile, x, residual, out, rows),
                 Layout::ChannelMajor if tile.broadcast() => self.broadcast_first(x, residual, out, rows),
@@ -335,6 +334,7 @@ impl QPointwise {
             }
             return;
         }
+        let _ = kernel;
         // The rows of pixels p0.. (past the last pixel, the block repeats it;
         // those sums are unused).
         let block = |p0: usize, np: usize| -> [&[i8]; PB] { std::array::from_fn(|i| &x[(p0 + i.min(np - 1)) * ci..][..ci]) };
@@ -345,7 +345,7 @@ impl QPointwise {
                 let np = PB.min(rows.1 - p0);
                 let xs = block(p0, np);
                 for t in 0..cb / CB {
-                    for (p, s) in self.rows_tile(tile, &xs, t).iter().enumerate() {
+                    for (p, s) in self.rows_tile(&xs, t).iter().enumerate() {
                         acc[p * cb + t * CB..][..CB].copy_from_slice(s);
                     }
                 }
@@ -370,7 +370,7 @@ impl QPointwise {
             for q in (0..np).step_by(PB) {
                 let xs = block(p0 + q, PB.min(np - q));
                 for t in t0..t1 {
-                    for (p, s) in self.rows_tile(tile, &xs, t).iter().enumerate().take(np - q) {
+                    for (p, s) in self.rows_tile(&xs, t).iter().enumerate().take(np - q) {
                         for (j, &v) in s.iter().enumerate() {
                             acc[((t - t0) * CB + j) * TP + q + p] = v;
                         }
@@ -566,20 +566,11 @@ impl QPointwise {
         }
     }
 
-    /// The sums of pixel rows `xs` against output channel tile `t`.
-    fn rows_tile(&self, tile: Option<RowsKernel>, xs: &[&[i8]; PB], t: usize) -> [[i32; CB]; PB] {
+    /// The sums of pixel rows `xs` against output channel tile `t`, in
+    /// plain loops (the CPUs with a channel-last tile run the fused ones).
+    fn rows_tile(&self, xs: &[&[i8]; PB], t: usize) -> [[i32; CB]; PB] {
         let kp = self.kp;
-        let w = &self.rows[t * CB * kp..][..CB * kp];
-        match tile {
-            #[cfg(target_arch = "aarch64")]
-            // SAFETY: dotprod detected; each row of `xs` holds ci values, `w`
-            // holds CB rows of kp (ci rounded up to 16, zeros past ci).
-            Some(RowsKernel::Sdot) => unsafe { neon::rows_sdot(&xs.map(|r| r.as_ptr()), self.ci, w.as_ptr(), kp) },
-            #[cfg(target_arch = "aarch64")]
-            // SAFETY: as above; the weights are within ±127 (checked in new()).
-            Some(RowsKernel::Mull) => unsafe { neon::rows_mull(&xs.map(|r| r.as_ptr()), self.ci, w.as_ptr(), kp) },
-            None => portable_rows(xs, w, kp),
-        }
+        portable_rows(xs, &self.rows[t * CB * kp..][..CB * kp], kp)
     }
 
     /// Channel-first in, channel-last out, output pixels `rows.0..rows.1`:

@@ -100,34 +100,6 @@ macro_rules! rows_sums {
     }};
 }
 
-/// [`rows_sums`] stored: `[[i32; CB]; PB]`.
-macro_rules! rows_tile {
-    ($x:ident, $ci:ident, $w:ident, $kp:ident, $step:ident) => {{
-        let s = rows_sums!($x, $ci, $w, $kp, $step);
-        let mut out = [[0i32; CB]; PB];
-        for p in 0..PB {
-            vst1q_s32(out[p].as_mut_ptr(), s[p]);
-        }
-        out
-    }};
-}
-
-/// One `SDOT`: `acc[i] += Σⱼ a[4i + j]·b[4i + j]`.
-///
-/// # Safety
-/// The CPU has the dot product instructions.
-#[inline]
-#[target_feature(enable = "dotprod")]
-unsafe fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
-    let mut acc = acc;
-    // SAFETY: register operands only; the caller vouches for dotprod.
-    unsafe {
-        std::arch::asm!("sdot {0:v}.4s, {1:v}.16b, {2:v}.16b", inout(vreg) acc, in(vreg) a, in(vreg) b,
-            options(pure, nomem, nostack));
-    }
-    acc
-}
-
 /// `acc[i] += a[4i]·b[4i] + … + a[4i + 3]·b[4i + 3]` without `SDOT`: the
 /// products two by two into i16 (`SMULL`, `SMLAL2`: each ≤ 128·127, two
 /// ≤ 32 512, exact), then pairwise into i32 (`SADALP`).
@@ -140,28 +112,6 @@ fn mull(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     }
 }
 
-/// The sums of [`PB`] channel-last pixel rows against [`CB`] weight rows,
-/// by `SDOT`: `acc[p][c] = Σₖ x[p][k]·w[c·kp + k]` over `k < ci`.
-///
-/// # Safety
-/// The CPU has dotprod; each `x[p]` has `ci` readable values; `w` has
-/// `CB × kp` readable, `kp` = `ci` rounded up to 16, zeros past `ci`.
-#[target_feature(enable = "dotprod")]
-pub(super) unsafe fn rows_sdot(x: &[*const i8; PB], ci: usize, w: *const i8, kp: usize) -> [[i32; CB]; PB] {
-    // SAFETY: every load is in a row of `ci` values (the tail through a
-    // buffer) or in the `CB × kp` weights, as the caller vouches.
-    unsafe { rows_tile!(x, ci, w, kp, sdot) }
-}
-
-/// [`rows_sdot`] without the dot product instructions (`SMULL`,
-/// `SMLAL2`, `SADALP`); weights within ±127.
-///
-/// # Safety
-/// As [`rows_sdot`], less dotprod.
-pub(super) unsafe fn rows_mull(x: &[*const i8; PB], ci: usize, w: *const i8, kp: usize) -> [[i32; CB]; PB] {
-    // SAFETY: as in `rows_sdot`.
-    unsafe { rows_tile!(x, ci, w, kp, mull) }
-}
 
 /// `acc[i] += Σⱼ w[4i + j]·x[4·L + j]`: `SDOT` by element, lane `L` of `x`.
 macro_rules! sdot_lane {
@@ -354,7 +304,7 @@ pub(super) unsafe fn transpose16(src: *const i8, dst: *mut i8, rows: usize, cols
 
 /// [`last_tile`] without the dot product instructions: the 16 channels as
 /// four tiles of [`CB`] weight rows (`w`: 16 rows of `kp`, zeros past
-/// `ci`), each by `SMULL`/`SMLAL2`/`SADALP` ([`rows_mull`]'s step).
+/// `ci`), each by `SMULL`/`SMLAL2`/`SADALP` ([`mull`]'s step).
 ///
 /// # Safety
 /// As [`last_tile`], with `w` holding 16 rows of `kp` (`ci` rounded up to
@@ -392,7 +342,7 @@ pub(super) unsafe fn last_tile_mull(
 
 /// [`first_tile`] without the dot product instructions: the 16 pixels as
 /// four blocks of [`PB`] against the 4 weight rows `w` (of `kp`, zeros
-/// past `ci`), each by [`rows_mull`]'s step.
+/// past `ci`), each by [`mull`]'s step.
 ///
 /// # Safety
 /// As [`first_tile`], with `w` holding 4 rows of `kp` (`ci` rounded up to
