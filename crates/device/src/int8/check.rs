@@ -216,6 +216,7 @@ pub(super) fn depthwise() -> TractResult<usize> {
         (32, 8, 9, (5, 5), (2, 2), (1, 2), (2, 2)),
         (16, 1, 1, (5, 5), (1, 1), (2, 2), (2, 2)),
         (64, 5, 6, (3, 3), (2, 2), (0, 0), (1, 1)),
+        (16, 2, 1, (1, 1), (4, 4), (3, 3), (0, 0)),
     ];
     let mut n = 0;
     for (c, h, w, kernel, strides, pad, after) in cases {

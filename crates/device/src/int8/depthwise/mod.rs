@@ -118,10 +118,14 @@ impl QDepthwise {
         let g = &self.geometry;
         let (hp, wp) = self.padded_size();
         let mut xp = vec![self.x_zero_point as i8; hp * wp * g.c];
-        for yp in g.pad.0..hp.min(g.h + g.pad.0) {
-            let cols = (wp - g.pad.1.min(wp)).min(g.w);
-            let src = &x[(yp - g.pad.0) * g.w * g.c..][..cols * g.c];
-            xp[(yp * wp + g.pad.1) * g.c..][..cols * g.c].copy_from_slice(src);
+        // The input columns that land inside the padded width (none where
+        // the left padding covers it all).
+        let cols = (wp - g.pad.1.min(wp)).min(g.w);
+        if cols > 0 {
+            for yp in g.pad.0..hp.min(g.h + g.pad.0) {
+                let src = &x[(yp - g.pad.0) * g.w * g.c..][..cols * g.c];
+                xp[(yp * wp + g.pad.1) * g.c..][..cols * g.c].copy_from_slice(src);
+            }
         }
         xp
     }
