@@ -152,9 +152,8 @@ impl QDepthwise {
                 c16 = c / 16 * 16;
                 let t = neon::Window { kh, kw, row: wp * c, c, step: sx * c };
                 let xs = &xp[x0..][..((kh - 1) * wp + (ow - 1) * sx + kw) * c];
-                // SAFETY: `xs` runs to the last tap of the last position (ky < kh, kx < kw,
-                // ox < ow, ch < c16 ≤ c), the weights hold kh·kw·c16 values and `o`, `r`
-                // ow·c; the multipliers and biases hold c ≥ c16; weights within ±127 (new()).
+                // SAFETY: `xs` runs to the last tap of the last position (ky < kh, kx < kw, ox < ow, ch < c16 ≤ c), the weights
+                // hold kh·kw·c16 values, `o` and `r` ow·c, the multipliers and biases c ≥ c16; weights within ±127 (new()).
                 unsafe {
                     neon::row(
                         xs.as_ptr(),

@@ -68,10 +68,8 @@ pub(super) unsafe fn row(
             }
         }};
     }
-    // SAFETY: tap i = (ky, kx) of position ox, channels ch..ch + 16, reads
-    // x[ky·row + kx·c + ox·step + ch..] and the block's 16 weights of tap
-    // i, and writes out[ox·c + ch..]: the indices the caller vouches for;
-    // each arm's kernel size is the window's.
+    // Tap i = (ky, kx) of position ox, channels ch..ch + 16, reads x[ky·row + kx·c + ox·step + ch..] and the block's 16
+    // weights of tap i, and writes out[ox·c + ch..]. SAFETY: the indices the caller vouches for (each arm's kernel is the window's).
     unsafe {
         match (t.kh, t.kw) {
             (3, 3) => row_with!(3, 3, |a, tap| {

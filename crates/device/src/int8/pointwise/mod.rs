@@ -405,9 +405,8 @@ impl QPointwise {
                 RowsKernel::Sdot => {
                     let block = ci.div_ceil(4) * BC * 4;
                     let wb = &w[b * block..][..block];
-                    // SAFETY: dotprod (this tile's CPUs); `x` holds P rows of ci, `wb`
-                    // one block of ci ÷ 4 rounded up groups, `m`, `bs` BC values; `r`
-                    // and `o` P rows of BC at a stride of `stride` (sliced just above).
+                    // SAFETY: dotprod (this tile's CPUs); `x` holds P rows of ci, `wb` one block of ci ÷ 4 rounded up groups,
+                    // `m`, `bs` BC values; `r` and `o` P rows of BC at a stride of `stride` (sliced just above).
                     unsafe { neon::last_tile(x.as_ptr(), ci, wb.as_ptr(), k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), stride) }
                 }
                 RowsKernel::Mull => {
@@ -469,10 +468,8 @@ impl QPointwise {
             let (x, r) = (&x[..P * ci], r.map(|r| &r[..(js.1 - js.0 - 1) * stride + P]));
             let o = &mut o[..(js.1 - js.0 - 1) * stride + P];
             let wb = &self.rows[4 * t * kp..][..4 * kp];
-            // SAFETY: `x` holds P rows of ci, `wb` 4 rows of kp (ci rounded up to 16,
-            // zeros past ci), `m`, `bs` 4 values; j0 < j1 ≤ 4; `r` and `o` j1 − j0
-            // rows of P at a stride of `stride` (sliced just above); the weights
-            // are within ±127 (checked in new()).
+            // SAFETY: `x` holds P rows of ci, `wb` 4 rows of kp (ci rounded up to 16, zeros past ci), `m`, `bs` 4; j0 < j1 ≤ 4;
+            // `r`, `o` j1 − j0 rows of P at a stride of `stride` (sliced just above); weights within ±127 (new()).
             unsafe {
                 neon::first_tile_mull(x.as_ptr(), ci, wb.as_ptr(), kp, &k, m.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), stride, js)
             }
@@ -541,9 +538,8 @@ impl QPointwise {
                     let xs = &x[p0 * ci..][..P * ci];
                     let r = residual.map(|r| &r[(BC * b + j0) * n + p0..][..len(n)]);
                     let o = &mut o[p0..][..len(n)];
-                    // SAFETY: dotprod (this tile's CPUs); `xs` holds P rows of ci, `wb` one
-                    // block of ci ÷ 4 rounded up groups, `m4` 4·BC and `bs` BC values;
-                    // j0 < j1 ≤ BC; `r` and `o` j1 − j0 rows of P at a stride of n.
+                    // SAFETY: dotprod (this tile's CPUs); `xs` holds P rows of ci, `wb` one block of ci ÷ 4 rounded up groups,
+                    // `m4` 4·BC and `bs` BC values; j0 < j1 ≤ BC; `r` and `o` j1 − j0 rows of P at a stride of n.
                     unsafe {
                         neon::last_tile_t(xs.as_ptr(), ci, wb.as_ptr(), &k, m4.as_ptr(), bs.as_ptr(), r.map(|r| r.as_ptr()), o.as_mut_ptr(), n, (j0, j1))
                     };
