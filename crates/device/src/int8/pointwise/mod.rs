@@ -1,12 +1,12 @@
 //! [`QPointwise`]: a 1×1 convolution of int8 activations (channel-last or
 //! channel-first in and out) with per-channel int8 weights, requantized to
 //! int8; the portable loops here, the tiles per ISA beside them (`avx2`:
-//! the channel-first tile by `VPMADDWD`; `neon`: the channel-first tile by
-//! `SMLAL` by lane, the channel-last one by `SDOT` or `SMULL`/`SADALP`).
-//! Channel-last in and out (the layout tract's declutter gives the 1×1
-//! layers between channel-last depthwise ones) runs in place where the
-//! CPU has a channel-last tile (aarch64); elsewhere, and for mixed
-//! layouts, through the channel-first tile and transposes.
+//! the channel-first tile by `VPMADDWD`; `neon`: the channel-last tiles by
+//! `SDOT` by element or `SMULL`/`SADALP`, requantized in registers, and a
+//! channel-first tile by `SMLAL` by lane). Where the CPU has a channel-last
+//! tile (aarch64) every layout runs on it: a channel-last input in place,
+//! a channel-first one transposed once; elsewhere the channel-first tile,
+//! with transposes for channel-last inputs.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
