@@ -3,15 +3,19 @@
 //! int8; the portable loops here, the tiles per ISA beside them (`avx2`:
 //! the channel-first tile by `VPMADDWD`; `neon`: the channel-first tile by
 //! `SMLAL` by lane, the channel-last one by `SDOT` or `SMULL`/`SADALP`).
+//! `x86`: the channel-last tiles by `VPDPBUSD` (AVX-512 VNNI, AVX-VNNI)
+//! or `VPMADDWD` (AVX2).
 //! Channel-last in and out (the layout tract's declutter gives the 1×1
 //! layers between channel-last depthwise ones) runs in place where the
-//! CPU has a channel-last tile (aarch64); elsewhere, and for mixed
-//! layouts, through the channel-first tile and transposes.
+//! CPU has a channel-last tile (aarch64, x86-64 with AVX2); elsewhere, and
+//! for mixed layouts, through the channel-first tile and transposes.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use std::sync::Arc;
 
@@ -67,6 +71,11 @@ pub struct QPointwise {
     rows: Arc<Vec<i8>>,
     /// `ci` rounded up to 16.
     kp: usize,
+    /// The x86 channel-last tiles' weights.
+    #[cfg(target_arch = "x86_64")]
+    packed: Arc<x86::Packed>,
+    /// Row length of the channel-last sums: `co` rounded up to 16.
+    ld: usize,
     requant: Arc<Requant>,
 }
 
@@ -110,41 +119,85 @@ fn has_avx2() -> bool {
 }
 
 /// The channel-last tiles of this CPU.
-#[derive(Debug, Clone, Copy)]
-enum RowsKernel {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RowsKernel {
     /// `SDOT` (aarch64 with dotprod).
     #[cfg(target_arch = "aarch64")]
     Sdot,
     /// `SMULL`/`SMLAL2`/`SADALP` (any aarch64).
     #[cfg(target_arch = "aarch64")]
     Mull,
+    /// `VPDPBUSD` or `VPMADDWD` (x86-64).
+    #[cfg(target_arch = "x86_64")]
+    X86(x86::Kind),
 }
 
 impl RowsKernel {
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             #[cfg(target_arch = "aarch64")]
             RowsKernel::Sdot => "neon (sdot; smlal channel-first)",
             #[cfg(target_arch = "aarch64")]
             RowsKernel::Mull => "neon (smull/sadalp; smlal channel-first)",
+            #[cfg(target_arch = "x86_64")]
+            RowsKernel::X86(x86::Kind::Vnni512) => "avx512 vnni (vpdpbusd zmm; vpmaddwd channel-first)",
+            #[cfg(target_arch = "x86_64")]
+            RowsKernel::X86(x86::Kind::AvxVnni) => "avx-vnni (vpdpbusd ymm; vpmaddwd channel-first)",
+            #[cfg(target_arch = "x86_64")]
+            RowsKernel::X86(x86::Kind::Avx2) => "avx2 (vpmaddwd)",
+        }
+    }
+
+    /// Whether this CPU runs the tile.
+    pub(super) fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "aarch64")]
+            RowsKernel::Sdot => std::arch::is_aarch64_feature_detected!("dotprod"),
+            #[cfg(target_arch = "aarch64")]
+            RowsKernel::Mull => true,
+            #[cfg(target_arch = "x86_64")]
+            RowsKernel::X86(k) => k.available(),
         }
     }
 }
 
-/// This CPU's channel-last tile, if it has one.
-fn rows_kernel() -> Option<RowsKernel> {
+/// Every channel-last tile of this ISA, fastest first, available or not.
+pub(super) fn rows_kernels() -> Vec<RowsKernel> {
     #[cfg(target_arch = "aarch64")]
     {
-        if std::arch::is_aarch64_feature_detected!("dotprod") {
-            Some(RowsKernel::Sdot)
-        } else {
-            Some(RowsKernel::Mull)
-        }
+        vec![RowsKernel::Sdot, RowsKernel::Mull]
     }
-    #[cfg(not(target_arch = "aarch64"))]
+    #[cfg(target_arch = "x86_64")]
     {
-        None
+        vec![RowsKernel::X86(x86::Kind::Vnni512), RowsKernel::X86(x86::Kind::AvxVnni), RowsKernel::X86(x86::Kind::Avx2)]
     }
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
+    {
+        Vec::new()
+    }
+}
+
+/// This CPU's channel-last tile, if it has one: the first available, or on
+/// x86-64 the one `TERN_INT8_X86` names (`avx512vnni`, `avxvnni`, `avx2`)
+/// when this CPU runs it (to measure one against another).
+fn rows_kernel() -> Option<RowsKernel> {
+    static CHOSEN: std::sync::OnceLock<Option<RowsKernel>> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let all = rows_kernels();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let named = match std::env::var("TERN_INT8_X86").as_deref() {
+                Ok("avx512vnni") => Some(x86::Kind::Vnni512),
+                Ok("avxvnni") => Some(x86::Kind::AvxVnni),
+                Ok("avx2") => Some(x86::Kind::Avx2),
+                _ => None,
+            };
+            if let Some(k) = named.map(RowsKernel::X86).filter(|k| k.available()) {
+                return Some(k);
+            }
+        }
+        all.into_iter().find(|k| k.available())
+    })
 }
 
 impl QPointwise {
@@ -198,6 +251,8 @@ impl QPointwise {
         for (c, w) in weights.chunks_exact(ci).enumerate() {
             rows[c * kp..][..ci].copy_from_slice(w);
         }
+        #[cfg(target_arch = "x86_64")]
+        let packed = Arc::new(x86::Packed::new(weights, ci, co));
         Ok(QPointwise {
             ci,
             co,
@@ -210,6 +265,9 @@ impl QPointwise {
             pairs: Arc::new(pairs),
             rows: Arc::new(rows),
             kp,
+            #[cfg(target_arch = "x86_64")]
+            packed,
+            ld: co.div_ceil(16) * 16,
             requant: Arc::new(requant),
         })
     }
@@ -253,62 +311,81 @@ impl QPointwise {
     }
 
     /// Channel-last in, output rows `rows.0..rows.1` (pixels channel-last,
-    /// channels channel-first): blocks of [`PB`] pixels, each against tiles
-    /// of [`CB`] output channels (the pixels' rows stay in cache while the
-    /// weights stream past), by this CPU's channel-last tile or (`kernel`
-    /// false, or none) the portable tile; then the sums requantized a
-    /// pixel's channels at a time (channel-last out) or a channel's [`TP`]
-    /// pixels at a time (channel-first out, blocks of [`TP`] pixels).
+    /// channels channel-first): blocks of [`PB`] pixels, each against the
+    /// output channels in this CPU's channel-last tiles or (`kernel` false,
+    /// or none) the portable tile; then the sums requantized a pixel's
+    /// channels at a time (channel-last out) or a channel's [`TP`] pixels
+    /// at a time (channel-first out, blocks of [`TP`] pixels).
     pub(super) fn pixel_major_with(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
-        let (ci, co, n) = (self.ci, self.co, self.pixels);
-        let cb = co.div_ceil(CB) * CB;
-        let tile = if kernel { rows_kernel() } else { None };
+        self.pixel_major_by(x, residual, out, rows, if kernel { rows_kernel() } else { None }, kernel)
+    }
+
+    /// [`QPointwise::pixel_major_with`] by channel-last tile `tile` (`None`,
+    /// or one this CPU lacks: the portable one), the vector epilogue with
+    /// `vector`.
+    pub(super) fn pixel_major_by(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), tile: Option<RowsKernel>, vector: bool) {
+        let (ci, co, n, ld) = (self.ci, self.co, self.pixels, self.ld);
+        let tile = tile.filter(|k| k.available());
         // The rows of pixels p0.. (past the last pixel, the block repeats it;
         // those sums are unused).
         let block = |p0: usize, np: usize| -> [&[i8]; PB] { std::array::from_fn(|i| &x[(p0 + i.min(np - 1)) * ci..][..ci]) };
+        let mut acc = vec![0i32; PB * ld];
+        let mut scratch = Vec::new();
         if self.output == Layout::PixelMajor {
-            let mut acc = vec![0i32; PB * cb];
             let mut p0 = rows.0;
             while p0 < rows.1 {
                 let np = PB.min(rows.1 - p0);
-                let xs = block(p0, np);
-                for t in 0..cb / CB {
-                    for (p, s) in self.rows_tile(tile, &xs, t).iter().enumerate() {
-                        acc[p * cb + t * CB..][..CB].copy_from_slice(s);
-                    }
-                }
+                self.rows_block(tile, &block(p0, np), (0, co), &mut acc, &mut scratch);
                 for i in 0..np {
                     let p = p0 + i;
                     let r = residual.map(|r| &r[p * co..][..co]);
-                    self.requant.run_with(&acc[i * cb..][..co], Lanes::Channels(0), r, &mut out[(p - rows.0) * co..][..co], kernel);
+                    self.requant.run_with(&acc[i * ld..][..co], Lanes::Channels(0), r, &mut out[(p - rows.0) * co..][..co], vector);
                 }
                 p0 += np;
             }
             return;
         }
-        // Channel-first out: rows are channels c0..c1, in tiles t0..t1.
+        // Channel-first out: rows are channels c0..c1.
         let (c0, c1) = rows;
         if c0 >= c1 {
             return;
         }
-        let (t0, t1) = (c0 / CB, (c1 - 1) / CB + 1);
-        let mut acc = vec![0i32; (t1 - t0) * CB * TP];
+        let mut sums = vec![0i32; (c1 - c0) * TP];
         for p0 in (0..n).step_by(TP) {
             let np = TP.min(n - p0);
             for q in (0..np).step_by(PB) {
-                let xs = block(p0 + q, PB.min(np - q));
-                for t in t0..t1 {
-                    for (p, s) in self.rows_tile(tile, &xs, t).iter().enumerate().take(np - q) {
-                        for (j, &v) in s.iter().enumerate() {
-                            acc[((t - t0) * CB + j) * TP + q + p] = v;
-                        }
+                self.rows_block(tile, &block(p0 + q, PB.min(np - q)), (c0, c1), &mut acc, &mut scratch);
+                for p in 0..PB.min(np - q) {
+                    for c in c0..c1 {
+                        sums[(c - c0) * TP + q + p] = acc[p * ld + c];
                     }
                 }
             }
             for c in c0..c1 {
                 let r = residual.map(|r| &r[c * n + p0..][..np]);
-                let a = &acc[(c - t0 * CB) * TP..][..np];
-                self.requant.run_with(a, Lanes::Channel(c), r, &mut out[(c - c0) * n + p0..][..np], kernel);
+                let a = &sums[(c - c0) * TP..][..np];
+                self.requant.run_with(a, Lanes::Channel(c), r, &mut out[(c - c0) * n + p0..][..np], vector);
+            }
+        }
+    }
+
+    /// The sums of pixel rows `xs` against (at least) output channels
+    /// `c0..c1`: `acc[p·ld + c]` (`acc` holds [`PB`] rows of `ld`), by
+    /// channel-last tile `tile` (one this CPU runs) or the portable one;
+    /// `scratch` is the x86 tiles' converted input, reused between calls.
+    fn rows_block(&self, tile: Option<RowsKernel>, xs: &[&[i8]; PB], channels: (usize, usize), acc: &mut [i32], scratch: &mut Vec<i32>) {
+        let ld = self.ld;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(RowsKernel::X86(kind)) = tile.filter(|k| k.available()) {
+            // SAFETY: `kind` available just above; `packed` was made for ci and co
+            // in new(); channels end at co; acc holds PB rows of ld (co rounded up to 16).
+            unsafe { x86::rows(kind, &self.packed, xs, self.ci, channels, acc, ld, scratch) };
+            return;
+        }
+        let _ = scratch;
+        for t in channels.0 / CB..channels.1.div_ceil(CB) {
+            for (p, s) in self.rows_tile(tile, xs, t).iter().enumerate() {
+                acc[p * ld + t * CB..][..CB].copy_from_slice(s);
             }
         }
     }
@@ -325,6 +402,8 @@ impl QPointwise {
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above; the weights are within ±127 (checked in new()).
             Some(RowsKernel::Mull) => unsafe { neon::rows_mull(&xs.map(|r| r.as_ptr()), self.ci, w.as_ptr(), kp) },
+            #[cfg(target_arch = "x86_64")]
+            Some(RowsKernel::X86(_)) => portable_rows(xs, w, kp),
             None => portable_rows(xs, w, kp),
         }
     }
