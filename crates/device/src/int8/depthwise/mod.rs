@@ -1,8 +1,11 @@
 //! [`QDepthwise`]: a depthwise convolution of int8 activations
 //! (channel-last or channel-first) with per-channel int8 weights,
 //! requantized to int8; the portable loops here, the channel-last kernel
-//! in NEON beside them (`neon`), the requantization by the vector epilogue.
+//! in NEON and AVX2 beside them (`neon`, `avx2`), the requantization by the
+//! vector epilogue.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -129,7 +132,7 @@ impl QDepthwise {
     }
 
     /// Channel-last, output rows `oy0..oy1`: every channel of a position at
-    /// once, by the NEON kernel where there is one and `kernel` is set (the
+    /// once, by the NEON or AVX2 kernel where there is one and `kernel` is set (the
     /// channels past the last 16 in plain loops), then the position's
     /// channels requantized together (the vector epilogue with `kernel`).
     pub(super) fn pixel_major(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
@@ -142,6 +145,12 @@ impl QDepthwise {
         let mut c16 = 0;
         #[cfg(target_arch = "aarch64")]
         if kernel {
+            c16 = c / 16 * 16;
+        }
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = kernel && is_x86_feature_detected!("avx2");
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
             c16 = c / 16 * 16;
         }
         for oy in rows.0..rows.1 {
@@ -158,6 +167,16 @@ impl QDepthwise {
                     // SAFETY: `xs` and `ws` are sliced to the last tap's last channel
                     // (i < ky, j < kx, ch < c16 ≤ c); `acc` holds c ≥ c16 values.
                     unsafe { neon::position(xs.as_ptr(), ws.as_ptr(), &taps, zx as i8, c16, acc.as_mut_ptr()) };
+                }
+                #[cfg(target_arch = "x86_64")]
+                if c16 > 0 && ky1 > ky0 && kx1 > kx0 {
+                    let first = ((oy * g.strides.0 + ky0 - g.pad.0) * g.w + ox * g.strides.1 + kx0 - g.pad.1) * c;
+                    let taps = avx2::Taps { ky: ky1 - ky0, kx: kx1 - kx0, row: g.w * c, wrow: kw * c, c };
+                    let xs = &x[first..][..(taps.ky - 1) * taps.row + (taps.kx - 1) * c + c];
+                    let ws = &self.weights[(ky0 * kw + kx0) * c..][..(taps.ky - 1) * taps.wrow + (taps.kx - 1) * c + c];
+                    // SAFETY: AVX2 checked (c16 > 0 only then); `xs`, `ws` sliced to the last
+                    // tap's last channel (i < ky, j < kx, ch < c16 ≤ c); `acc` holds c ≥ c16.
+                    unsafe { avx2::position(xs.as_ptr(), ws.as_ptr(), &taps, zx as i8, c16, acc.as_mut_ptr()) };
                 }
                 for ky in ky0..ky1 {
                     let iy = oy * g.strides.0 + ky - g.pad.0;
