@@ -315,7 +315,7 @@ impl QPointwise {
     /// output channels in this CPU's channel-last tiles or (`kernel` false,
     /// or none) the portable tile; then the sums requantized a pixel's
     /// channels at a time (channel-last out) or a channel's [`TP`] pixels
-    /// at a time (channel-first out, blocks of [`TP`] pixels).
+    /// at a time (channel-first out, runs of 4·[`TP`] pixels).
     pub(super) fn pixel_major_with(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
         self.pixel_major_by(x, residual, out, rows, if kernel { rows_kernel() } else { None }, kernel)
     }
@@ -350,20 +350,23 @@ impl QPointwise {
         if c0 >= c1 {
             return;
         }
-        let mut sums = vec![0i32; (c1 - c0) * TP];
-        for p0 in (0..n).step_by(TP) {
-            let np = TP.min(n - p0);
+        // Runs of 4·TP pixels a channel through the epilogue (its vector
+        // steps 16 at a time, its setup once a run).
+        const RUN: usize = 4 * TP;
+        let mut sums = vec![0i32; (c1 - c0) * RUN];
+        for p0 in (0..n).step_by(RUN) {
+            let np = RUN.min(n - p0);
             for q in (0..np).step_by(PB) {
                 self.rows_block(tile, &block(p0 + q, PB.min(np - q)), (c0, c1), &mut acc, &mut scratch);
                 for p in 0..PB.min(np - q) {
                     for c in c0..c1 {
-                        sums[(c - c0) * TP + q + p] = acc[p * ld + c];
+                        sums[(c - c0) * RUN + q + p] = acc[p * ld + c];
                     }
                 }
             }
             for c in c0..c1 {
                 let r = residual.map(|r| &r[c * n + p0..][..np]);
-                let a = &sums[(c - c0) * TP..][..np];
+                let a = &sums[(c - c0) * RUN..][..np];
                 self.requant.run_with(a, Lanes::Channel(c), r, &mut out[(c - c0) * n + p0..][..np], vector);
             }
         }

@@ -17,7 +17,8 @@
 //! VNNI, 2 for AVX2) 64 bytes: lane `j` holds channel `16·b + j`'s weights
 //! of that step (zeros past `co` and `ci`). The ymm kernels take a block's
 //! halves. The pixels' inputs are converted per block of [`PB`] pixels into
-//! a scratch of i32 steps (bytes `x ^ 0x80`, or i16 pairs), zeros past `ci`.
+//! a scratch of i32 steps (bytes `x ^ 0x80`, or i16 pairs); past `ci` the
+//! weights are zeros, so the scratch there may hold anything.
 
 use std::arch::x86_64::*;
 
@@ -160,9 +161,12 @@ fn madd_add(acc: __m256i, x: __m256i, w: __m256i) -> __m256i {
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn rows(kind: Kind, packed: &Packed, xs: &[&[i8]; PB], ci: usize, channels: (usize, usize), acc: &mut [i32], ld: usize, scratch: &mut Vec<i32>) {
     let steps = if kind == Kind::Avx2 { packed.pair_steps } else { packed.quad_steps };
-    scratch.clear();
-    scratch.resize(PB * steps, 0);
-    for (row, x) in scratch.chunks_exact_mut(steps).zip(xs) {
+    // Past `ci` a row keeps whatever it held (zeros at first): the weights
+    // there are zeros.
+    if scratch.len() < PB * steps {
+        scratch.resize(PB * steps, 0);
+    }
+    for (row, x) in scratch[..PB * steps].chunks_exact_mut(steps).zip(xs) {
         let x = &x[..ci];
         // Little-endian: byte (i16) `k` of the row is input channel `k`.
         if kind == Kind::Avx2 {
