@@ -20,5 +20,6 @@ pub fn run(_: Args) -> Result<ExitCode> {
     );
     let cases = int8::check::all().map_err(|e| anyhow!("int8 kernel check failed: {e:#}"))?;
     outln!("int8 ops: {} kernels; {cases} cases equal plain integer reference loops", int8::kernel_isa());
+    outln!("int8 ops: {}", int8::check::variants());
     Ok(ExitCode::SUCCESS)
 }

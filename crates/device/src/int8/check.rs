@@ -53,6 +53,18 @@ pub fn all() -> TractResult<usize> {
     Ok(epilogue()? + pointwise()? + depthwise()? + add()?)
 }
 
+/// The channel-last 1×1 tiles of this ISA that [`all`] checks on this CPU,
+/// each forced in turn, and those it skips (the CPU lacks them), in words.
+pub fn variants() -> String {
+    let (run, skip): (Vec<_>, Vec<_>) = super::pointwise::rows_kernels().into_iter().partition(|k| k.available());
+    let names = |v: Vec<super::pointwise::RowsKernel>| v.iter().map(|k| k.name()).collect::<Vec<_>>().join("; ");
+    if skip.is_empty() {
+        format!("channel-last tiles checked: {}", names(run))
+    } else {
+        format!("channel-last tiles checked: {}; skipped (not on this CPU): {}", names(run), names(skip))
+    }
+}
+
 /// The vector epilogue against [`Requant::apply`] and the written-out
 /// reference: runs of every length up to 40 (whole steps and tails), lanes
 /// along channels and along one channel, with and without a residual,
@@ -125,7 +137,8 @@ pub(super) fn add() -> TractResult<usize> {
 pub(super) fn pointwise() -> TractResult<usize> {
     use Layout::*;
     let mut n = 0;
-    for (ci, co, pixels) in [(16, 96, 61), (24, 40, 13), (3, 8, 1), (32, 16, 64), (144, 24, 7), (5, 33, 130), (96, 24, 3136)] {
+    let shapes = [(16, 96, 61), (24, 40, 13), (3, 8, 1), (32, 16, 64), (144, 24, 7), (5, 33, 130), (96, 24, 3136), (7, 72, 9), (130, 200, 6), (66, 17, 23)];
+    for (ci, co, pixels) in shapes {
         for (i, o) in [(ChannelMajor, ChannelMajor), (PixelMajor, PixelMajor), (ChannelMajor, PixelMajor), (PixelMajor, ChannelMajor)] {
             for (residual, zx, zy, clamp) in [(false, -128, -128, (-128, 127)), (true, 7, 3, (-128, 127)), (false, -20, 0, (-100, 90))] {
                 pointwise_case(ci, co, pixels, i, o, residual, zx, zy, clamp)?;
@@ -195,6 +208,18 @@ fn pointwise_case(ci: usize, co: usize, pixels: usize, i: Layout, o: Layout, res
                 op.channel_to_pixel_with(&x, res, b, (cut, rows), kernel);
             }
             compare(&format!("{case}, direct (kernel: {kernel})"), &got, &portable, &want, clamp)?;
+        }
+        // Every channel-last tile this CPU runs, forced (on the input as
+        // is, or transposed to channel-last as the op does).
+        let xl: Vec<i8> = if i == PixelMajor { x.clone() } else { (0..pixels * ci).map(|j| x[(j % ci) * pixels + j / ci]).collect() };
+        for tile in super::pointwise::rows_kernels().into_iter().filter(|k| k.available()) {
+            let res = residual.then_some(&r[..]);
+            portable.fill(0);
+            let (a, b) = portable.split_at_mut(cut * row);
+            let pl = QPointwise::new(ci, co, pixels, PixelMajor, o, shape.clone(), &w, zx, requant(co, ci, residual, zy, clamp))?;
+            pl.pixel_major_by(&xl, res, a, (0, cut), Some(tile), true);
+            pl.pixel_major_by(&xl, res, b, (cut, rows), Some(tile), true);
+            compare(&format!("{case}, channel-last tile {}", tile.name()), &got, &portable, &want, clamp)?;
         }
     }
     Ok(())

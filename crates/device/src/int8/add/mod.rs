@@ -1,8 +1,10 @@
 //! [`QAdd`]: the residual `Add` of two int8 tensors into a third, as the
 //! QDQ form writes it (`DequantizeLinear` of each, `Add`,
-//! `QuantizeLinear`), in one pass: 16 values a step in NEON (`neon`), the
-//! rest by [`QAdd::apply`].
+//! `QuantizeLinear`), in one pass: 16 values a step in NEON or AVX2
+//! (`neon`, `avx2`), the rest by [`QAdd::apply`].
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -34,7 +36,7 @@ impl QAdd {
     }
 
     /// `out[j] = self.apply(a[j], b[j])` over `out`'s length (no longer
-    /// than `a`'s or `b`'s), 16 at a time in NEON with `kernel`.
+    /// than `a`'s or `b`'s), 16 at a time in NEON or AVX2 with `kernel`.
     pub(super) fn compute(&self, a: &[i8], b: &[i8], out: &mut [i8], kernel: bool) {
         let n = out.len().min(a.len()).min(b.len());
         #[allow(unused_mut)]
@@ -44,6 +46,12 @@ impl QAdd {
             done = n / 16 * 16;
             // SAFETY: `a`, `b` and `out` each hold n ≥ done values.
             unsafe { neon::add(self, a.as_ptr(), b.as_ptr(), out.as_mut_ptr(), done) };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if kernel && is_x86_feature_detected!("avx2") {
+            done = n / 16 * 16;
+            // SAFETY: AVX2 checked; `a`, `b` and `out` each hold n ≥ done values.
+            unsafe { avx2::add(self, a.as_ptr(), b.as_ptr(), out.as_mut_ptr(), done) };
         }
         let _ = kernel;
         for j in done..n {

@@ -3,6 +3,8 @@
 //! requantized to int8; the portable loops here, the channel-last kernel
 //! in NEON beside them (`neon`), the requantization by the vector epilogue.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -226,9 +228,7 @@ impl QDepthwise {
                         let w = i32::from(self.weights[(ky * kw + kx) * c + ch]);
                         let first = ox0 * sx + kx - g.pad.1;
                         if sx == 1 {
-                            for (a, &v) in acc[ox0..ox1].iter_mut().zip(&row[first..]) {
-                                *a += (i32::from(v) - zx) * w;
-                            }
+                            tap_row(&mut acc[ox0..ox1], &row[first..], zx, w, vector);
                         } else {
                             for (a, &v) in acc[ox0..ox1].iter_mut().zip(row[first..].iter().step_by(sx)) {
                                 *a += (i32::from(v) - zx) * w;
@@ -244,27 +244,47 @@ impl QDepthwise {
     }
 
     /// Channel-last, output rows `oy0..oy1`, on the unpadded input: every
-    /// channel of a position at once in plain loops (the zero point taken
-    /// off each tap inside the input), then the position's channels
-    /// requantized together (the vector epilogue with `kernel`).
+    /// channel of a position at once (the zero point taken off each tap
+    /// inside the input), by the AVX2 kernel where there is one and
+    /// `kernel` is set (the channels past the last 16 in plain loops),
+    /// then the position's channels requantized together (the vector
+    /// epilogue with `kernel`).
     pub(super) fn pixel_major(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
         let g = &self.geometry;
         let (c, (_, kw)) = (g.c, g.kernel);
         let zx = self.x_zero_point;
         let mut acc = vec![0i32; c];
         let mut at = 0;
+        #[allow(unused_mut)]
+        let mut c16 = 0;
+        #[cfg(target_arch = "x86_64")]
+        if kernel && is_x86_feature_detected!("avx2") {
+            c16 = c / 16 * 16;
+        }
         for oy in rows.0..rows.1 {
             let (ky0, ky1) = inside(oy * g.strides.0, g.pad.0, g.kernel.0, g.h);
             for ox in 0..g.out.1 {
                 let (kx0, kx1) = inside(ox * g.strides.1, g.pad.1, kw, g.w);
-                acc.fill(0);
+                // The kernel writes channels ..c16 where it runs; the rest start from 0.
+                let ran = c16 > 0 && ky1 > ky0 && kx1 > kx0;
+                acc[if ran { c16 } else { 0 }..].fill(0);
+                #[cfg(target_arch = "x86_64")]
+                if ran {
+                    let first = ((oy * g.strides.0 + ky0 - g.pad.0) * g.w + ox * g.strides.1 + kx0 - g.pad.1) * c;
+                    let taps = avx2::Taps { ky: ky1 - ky0, kx: kx1 - kx0, row: g.w * c, wrow: kw * c, c };
+                    let xs = &x[first..][..(taps.ky - 1) * taps.row + (taps.kx - 1) * c + c];
+                    let ws = &self.weights[(ky0 * kw + kx0) * c..][..(taps.ky - 1) * taps.wrow + (taps.kx - 1) * c + c];
+                    // SAFETY: AVX2 checked (c16 > 0 only then); `xs`, `ws` sliced to the last
+                    // tap's last channel (i < ky, j < kx, ch < c16 ≤ c); `acc` holds c ≥ c16.
+                    unsafe { avx2::position(xs.as_ptr(), ws.as_ptr(), &taps, zx as i8, c16, acc.as_mut_ptr()) };
+                }
                 for ky in ky0..ky1 {
                     let iy = oy * g.strides.0 + ky - g.pad.0;
                     for kx in kx0..kx1 {
                         let ix = ox * g.strides.1 + kx - g.pad.1;
                         let xs = &x[(iy * g.w + ix) * c..][..c];
                         let ws = &self.weights[(ky * kw + kx) * c..][..c];
-                        for ((a, &x), &w) in acc.iter_mut().zip(xs).zip(ws) {
+                        for ((a, &x), &w) in acc.iter_mut().zip(xs).zip(ws).skip(if ran { c16 } else { 0 }) {
                             *a += (i32::from(x) - zx) * i32::from(w);
                         }
                     }
@@ -276,6 +296,29 @@ impl QDepthwise {
             }
         }
     }
+}
+
+/// `acc[i] += (x[i] − zx)·w` over `acc`'s length (`x` no shorter): with
+/// `vector` on a CPU with AVX2, the same loop compiled for AVX2 (the
+/// baseline's SSE2 lacks the widening and the 32-bit multiply).
+fn tap_row(acc: &mut [i32], x: &[i8], zx: i32, w: i32, vector: bool) {
+    fn plain(acc: &mut [i32], x: &[i8], zx: i32, w: i32) {
+        for (a, &v) in acc.iter_mut().zip(x) {
+            *a += (i32::from(v) - zx) * w;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if vector && is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn avx2(acc: &mut [i32], x: &[i8], zx: i32, w: i32) {
+            plain(acc, x, zx, w)
+        }
+        // SAFETY: AVX2 detected just above; the function takes no pointer.
+        unsafe { avx2(acc, x, zx, w) };
+        return;
+    }
+    let _ = vector;
+    plain(acc, x, zx, w)
 }
 
 impl Op for QDepthwise {

@@ -4,14 +4,18 @@
 //! the channel-first tile by `VPMADDWD`; `neon`: the channel-last tiles by
 //! `SDOT` by element or `SMULL`/`SADALP`, requantized in registers, and a
 //! channel-first tile by `SMLAL` by lane). Where the CPU has a channel-last
-//! tile (aarch64) every layout runs on it: a channel-last input in place,
-//! a channel-first one transposed once; elsewhere the channel-first tile,
-//! with transposes for channel-last inputs.
+//! tile (aarch64; x86-64 with AVX2: `x86`, by `VPDPBUSD` with AVX-512
+//! VNNI or AVX-VNNI, `VPMADDWD` with AVX2) every layout runs on it: a
+//! channel-last input in place, a channel-first one transposed once;
+//! elsewhere the channel-first tile, with transposes for channel-last
+//! inputs.
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 use std::sync::Arc;
 
@@ -98,6 +102,11 @@ pub struct QPointwise {
     /// channel-first output; empty without it).
     #[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
     mult4: Arc<Vec<f32>>,
+    /// The x86 channel-last tiles' weights.
+    #[cfg(target_arch = "x86_64")]
+    packed: Arc<x86::Packed>,
+    /// Row length of the channel-last sums: `co` rounded up to 16.
+    ld: usize,
     requant: Arc<Requant>,
 }
 
@@ -141,52 +150,94 @@ fn has_avx2() -> bool {
 }
 
 /// The channel-last tiles of this CPU.
-#[derive(Debug, Clone, Copy)]
-enum RowsKernel {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RowsKernel {
     /// `SDOT` (aarch64 with dotprod).
     #[cfg(target_arch = "aarch64")]
     Sdot,
     /// `SMULL`/`SMLAL2`/`SADALP` (any aarch64).
     #[cfg(target_arch = "aarch64")]
     Mull,
+    /// `VPDPBUSD` or `VPMADDWD` (x86-64).
+    #[cfg(target_arch = "x86_64")]
+    X86(x86::Kind),
 }
 
 impl RowsKernel {
     /// Whether the broadcast tiles (`SDOT` by element) take the place of
     /// the 4 × 4 tile.
+    #[cfg(target_arch = "aarch64")]
     fn broadcast(self) -> bool {
         match self {
-            #[cfg(target_arch = "aarch64")]
             RowsKernel::Sdot => true,
-            #[cfg(target_arch = "aarch64")]
             RowsKernel::Mull => false,
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             #[cfg(target_arch = "aarch64")]
             RowsKernel::Sdot => "neon (sdot by element)",
             #[cfg(target_arch = "aarch64")]
             RowsKernel::Mull => "neon (smull/sadalp)",
+            #[cfg(target_arch = "x86_64")]
+            RowsKernel::X86(x86::Kind::Vnni512) => "avx512 vnni (vpdpbusd zmm)",
+            #[cfg(target_arch = "x86_64")]
+            RowsKernel::X86(x86::Kind::AvxVnni) => "avx-vnni (vpdpbusd ymm)",
+            #[cfg(target_arch = "x86_64")]
+            RowsKernel::X86(x86::Kind::Avx2) => "avx2 (vpmaddwd)",
+        }
+    }
+
+    /// Whether this CPU runs the tile.
+    pub(super) fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "aarch64")]
+            RowsKernel::Sdot => std::arch::is_aarch64_feature_detected!("dotprod"),
+            #[cfg(target_arch = "aarch64")]
+            RowsKernel::Mull => true,
+            #[cfg(target_arch = "x86_64")]
+            RowsKernel::X86(k) => k.available(),
         }
     }
 }
 
-/// This CPU's channel-last tile, if it has one.
-fn rows_kernel() -> Option<RowsKernel> {
+/// Every channel-last tile of this ISA, fastest first, available or not.
+pub(super) fn rows_kernels() -> Vec<RowsKernel> {
     #[cfg(target_arch = "aarch64")]
     {
-        if std::arch::is_aarch64_feature_detected!("dotprod") {
-            Some(RowsKernel::Sdot)
-        } else {
-            Some(RowsKernel::Mull)
-        }
+        vec![RowsKernel::Sdot, RowsKernel::Mull]
     }
-    #[cfg(not(target_arch = "aarch64"))]
+    #[cfg(target_arch = "x86_64")]
     {
-        None
+        vec![RowsKernel::X86(x86::Kind::Vnni512), RowsKernel::X86(x86::Kind::AvxVnni), RowsKernel::X86(x86::Kind::Avx2)]
     }
+    #[cfg(not(any(target_arch = "aarch64", target_arch = "x86_64")))]
+    {
+        Vec::new()
+    }
+}
+
+/// This CPU's channel-last tile, if it has one: the first available, or on
+/// x86-64 the one `TERN_INT8_X86` names (`avx512vnni`, `avxvnni`, `avx2`)
+/// when this CPU runs it (to measure one against another).
+fn rows_kernel() -> Option<RowsKernel> {
+    static CHOSEN: std::sync::OnceLock<Option<RowsKernel>> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let named = match std::env::var("TERN_INT8_X86").as_deref() {
+                Ok("avx512vnni") => Some(x86::Kind::Vnni512),
+                Ok("avxvnni") => Some(x86::Kind::AvxVnni),
+                Ok("avx2") => Some(x86::Kind::Avx2),
+                _ => None,
+            };
+            if let Some(k) = named.map(RowsKernel::X86).filter(|k| k.available()) {
+                return Some(k);
+            }
+        }
+        rows_kernels().into_iter().find(|k| k.available())
+    })
 }
 
 impl QPointwise {
@@ -240,15 +291,17 @@ impl QPointwise {
         for (c, w) in weights.chunks_exact(ci).enumerate() {
             rows[c * kp..][..ci].copy_from_slice(w);
         }
-        let broadcast = match rows_kernel() {
-            Some(k) if k.broadcast() => broadcast_pack(weights, ci, co, BC / 4),
-            _ => Vec::new(),
+        #[cfg(target_arch = "aarch64")]
+        let sdot = rows_kernel().is_some_and(|k| k.broadcast());
+        #[cfg(not(target_arch = "aarch64"))]
+        let sdot = false;
+        let broadcast = if sdot { broadcast_pack(weights, ci, co, BC / 4) } else { Vec::new() };
+        let mult4 = if sdot {
+            (0..co.div_ceil(BC) * BC * 4).map(|i| requant.multiplier.get(i / 4).copied().unwrap_or(0.0)).collect()
+        } else {
+            Vec::new()
         };
-        let mult4 = match rows_kernel() {
-            Some(k) if k.broadcast() => (0..co.div_ceil(BC) * BC * 4).map(|i| requant.multiplier.get(i / 4).copied().unwrap_or(0.0)).collect(),
-            _ => Vec::new(),
-        };
-        let padded = if rows_kernel().is_some() {
+        let padded = if cfg!(target_arch = "aarch64") {
             let cp = co.div_ceil(BC) * BC;
             let mut m = requant.multiplier.clone();
             let mut b = requant.bias.clone();
@@ -258,6 +311,8 @@ impl QPointwise {
         } else {
             Default::default()
         };
+        #[cfg(target_arch = "x86_64")]
+        let packed = Arc::new(x86::Packed::new(weights, ci, co));
         Ok(QPointwise {
             ci,
             co,
@@ -273,6 +328,9 @@ impl QPointwise {
             broadcast: Arc::new(broadcast),
             padded: Arc::new(padded),
             mult4: Arc::new(mult4),
+            #[cfg(target_arch = "x86_64")]
+            packed,
+            ld: co.div_ceil(16) * 16,
             requant: Arc::new(requant),
         })
     }
@@ -323,10 +381,17 @@ impl QPointwise {
     /// out) or a channel's [`TP`] pixels at a time (channel-first out,
     /// blocks of [`TP`] pixels).
     pub(super) fn pixel_major_with(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), kernel: bool) {
-        let (ci, co, n) = (self.ci, self.co, self.pixels);
-        let cb = co.div_ceil(CB) * CB;
+        self.pixel_major_by(x, residual, out, rows, if kernel { rows_kernel() } else { None }, kernel)
+    }
+
+    /// [`QPointwise::pixel_major_with`] by channel-last tile `tile` (`None`,
+    /// or one this CPU lacks: the portable one), the vector epilogue with
+    /// `vector`.
+    pub(super) fn pixel_major_by(&self, x: &[i8], residual: Option<&[i8]>, out: &mut [i8], rows: (usize, usize), tile: Option<RowsKernel>, vector: bool) {
+        let (ci, co, n, ld) = (self.ci, self.co, self.pixels, self.ld);
+        let tile = tile.filter(|k| k.available());
         #[cfg(target_arch = "aarch64")]
-        if let Some(tile) = rows_kernel().filter(|_| kernel) {
+        if let Some(tile) = tile {
             match self.output {
                 Layout::PixelMajor => self.fused_last(tile, x, residual, out, rows),
                 Layout::ChannelMajor if tile.broadcast() => self.broadcast_first(x, residual, out, rows),
@@ -334,53 +399,69 @@ impl QPointwise {
             }
             return;
         }
-        let _ = kernel;
         // The rows of pixels p0.. (past the last pixel, the block repeats it;
         // those sums are unused).
         let block = |p0: usize, np: usize| -> [&[i8]; PB] { std::array::from_fn(|i| &x[(p0 + i.min(np - 1)) * ci..][..ci]) };
+        let mut acc = vec![0i32; PB * ld];
+        let mut scratch = Vec::new();
         if self.output == Layout::PixelMajor {
-            let mut acc = vec![0i32; PB * cb];
             let mut p0 = rows.0;
             while p0 < rows.1 {
                 let np = PB.min(rows.1 - p0);
-                let xs = block(p0, np);
-                for t in 0..cb / CB {
-                    for (p, s) in self.rows_tile(&xs, t).iter().enumerate() {
-                        acc[p * cb + t * CB..][..CB].copy_from_slice(s);
-                    }
-                }
+                self.rows_block(tile, &block(p0, np), (0, co), &mut acc, &mut scratch);
                 for i in 0..np {
                     let p = p0 + i;
                     let r = residual.map(|r| &r[p * co..][..co]);
-                    self.requant.run_with(&acc[i * cb..][..co], Lanes::Channels(0), r, &mut out[(p - rows.0) * co..][..co], kernel);
+                    self.requant.run_with(&acc[i * ld..][..co], Lanes::Channels(0), r, &mut out[(p - rows.0) * co..][..co], vector);
                 }
                 p0 += np;
             }
             return;
         }
-        // Channel-first out: rows are channels c0..c1, in tiles t0..t1.
+        // Channel-first out: rows are channels c0..c1.
         let (c0, c1) = rows;
         if c0 >= c1 {
             return;
         }
-        let (t0, t1) = (c0 / CB, (c1 - 1) / CB + 1);
-        let mut acc = vec![0i32; (t1 - t0) * CB * TP];
-        for p0 in (0..n).step_by(TP) {
-            let np = TP.min(n - p0);
+        // Runs of 4·TP pixels a channel through the epilogue (its vector
+        // steps 16 at a time, its setup once a run).
+        const RUN: usize = 4 * TP;
+        let mut sums = vec![0i32; (c1 - c0) * RUN];
+        for p0 in (0..n).step_by(RUN) {
+            let np = RUN.min(n - p0);
             for q in (0..np).step_by(PB) {
-                let xs = block(p0 + q, PB.min(np - q));
-                for t in t0..t1 {
-                    for (p, s) in self.rows_tile(&xs, t).iter().enumerate().take(np - q) {
-                        for (j, &v) in s.iter().enumerate() {
-                            acc[((t - t0) * CB + j) * TP + q + p] = v;
-                        }
+                self.rows_block(tile, &block(p0 + q, PB.min(np - q)), (c0, c1), &mut acc, &mut scratch);
+                for p in 0..PB.min(np - q) {
+                    for c in c0..c1 {
+                        sums[(c - c0) * RUN + q + p] = acc[p * ld + c];
                     }
                 }
             }
             for c in c0..c1 {
                 let r = residual.map(|r| &r[c * n + p0..][..np]);
-                let a = &acc[(c - t0 * CB) * TP..][..np];
-                self.requant.run_with(a, Lanes::Channel(c), r, &mut out[(c - c0) * n + p0..][..np], kernel);
+                let a = &sums[(c - c0) * RUN..][..np];
+                self.requant.run_with(a, Lanes::Channel(c), r, &mut out[(c - c0) * n + p0..][..np], vector);
+            }
+        }
+    }
+
+    /// The sums of pixel rows `xs` against (at least) output channels
+    /// `c0..c1`: `acc[p·ld + c]` (`acc` holds [`PB`] rows of `ld`), by
+    /// channel-last tile `tile` (one this CPU runs) or the portable one;
+    /// `scratch` is the x86 tiles' converted input, reused between calls.
+    fn rows_block(&self, tile: Option<RowsKernel>, xs: &[&[i8]; PB], channels: (usize, usize), acc: &mut [i32], scratch: &mut Vec<i32>) {
+        let ld = self.ld;
+        #[cfg(target_arch = "x86_64")]
+        if let Some(RowsKernel::X86(kind)) = tile.filter(|k| k.available()) {
+            // SAFETY: `kind` available just above; `packed` was made for ci and co
+            // in new(); channels end at co; acc holds PB rows of ld (co rounded up to 16).
+            unsafe { x86::rows(kind, &self.packed, xs, self.ci, channels, acc, ld, scratch) };
+            return;
+        }
+        let _ = (tile, scratch);
+        for t in channels.0 / CB..channels.1.div_ceil(CB) {
+            for (p, s) in self.rows_tile(xs, t).iter().enumerate() {
+                acc[p * ld + t * CB..][..CB].copy_from_slice(s);
             }
         }
     }
