@@ -3,7 +3,7 @@
 # input tensor and the same thread counts, in one run; prints a table with
 # the ratios.
 #
-#   bench/compare.sh [--iters N] [--rounds N] [--threads "1 2"] [--image PNG] [--profile] [--tract-kernels] [--results FILE] BUNDLE.onnx...
+#   bench/compare.sh [--iters N] [--rounds N] [--threads "1 2"] [--image PNG] [--profile] [--tract-kernels] [--int8-ops] [--results FILE] BUNDLE.onnx...
 #
 # e.g. bench/compare.sh models/imagenet-efficientnet-lite0.onnx models/imagenet-int8.onnx
 # --profile: also per layer kind (pointwise 1x1, depthwise, full conv, head,
@@ -14,6 +14,9 @@
 # whose speed drifts, the runs of one round are back to back.
 # --tract-kernels: also run tern-device with tract's own kernels only (no
 # fused convolution op), in the same round.
+# --int8-ops: also run tern-device with its integer ops (--int8-ops; QDQ
+# bundles), in the same round, and compare it with Tern's float plan of the
+# first bundle.
 # --results FILE: keep every measurement (JSON lines, per-node times included).
 # Needs the venv (scripts/setup-python.sh) and builds tern-device (release).
 set -euo pipefail
@@ -26,6 +29,7 @@ threads="1 2"
 image=data/samples/chelsea.png
 profile=()
 both=0
+int8=0
 keep=
 bundles=()
 while [ $# -gt 0 ]; do
@@ -36,6 +40,7 @@ while [ $# -gt 0 ]; do
     --image) image="$2"; shift 2 ;;
     --profile) profile=(--profile); shift ;;
     --tract-kernels) both=1; shift ;;
+    --int8-ops) int8=1; shift ;;
     --results) keep="$2"; shift 2 ;;
     -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) bundles+=("$1"); shift ;;
@@ -62,6 +67,10 @@ for round in $(seq 1 "$rounds"); do
         "$tern" bench "$b" --threads "$t" --iters "$iters" --image "$image" --json --tract-kernels \
           ${profile[@]:+--profile 0} | tag "tract kernels only" "$round" >>"$results"
       fi
+      if [ "$int8" = 1 ]; then
+        "$tern" bench "$b" --threads "$t" --iters "$iters" --image "$image" --json --int8-ops \
+          ${profile[@]:+--profile 0} | tag "tern int8 ops" "$round" >>"$results"
+      fi
       python bench/ort_bench.py "$b" --input "$input" --threads "$t" --iters "$iters" "${profile[@]}" \
         | python -c 'import json,sys; d=json.loads(sys.stdin.read()); d["round"]=int(sys.argv[1]); print(json.dumps(d))' "$round" >>"$results"
     done
@@ -82,7 +91,8 @@ rounds = sorted({r["round"] for r in rows})
 if len(rounds) > 1:
     print(f"\nratios of p50 latency, each within one round; median [min–max] over {len(rounds)} rounds:")
     at = {(r["bundle"], r["threads"], r["runtime"].split(" ")[0] if r["runtime"].startswith("onnxruntime") else r["runtime"], r["round"]): r["latency"]["p50_ms"] for r in rows}
-    pairs = [("tern (tract)", "onnxruntime"), ("tract kernels only", "onnxruntime"), ("tract kernels only", "tern (tract)")]
+    pairs = [("tern (tract)", "onnxruntime"), ("tract kernels only", "onnxruntime"), ("tract kernels only", "tern (tract)"),
+             ("tern int8 ops", "onnxruntime"), ("tern int8 ops", "tern (tract)")]
     for b in dict.fromkeys(r["bundle"] for r in rows):
         for t in dict.fromkeys(r["threads"] for r in rows):
             for a, c in pairs:
@@ -92,12 +102,12 @@ if len(rounds) > 1:
     names = list(dict.fromkeys(r["bundle"] for r in rows))
     for b in names[1:]:
         for t in dict.fromkeys(r["threads"] for r in rows):
-            for a in ("tern (tract)", "tract kernels only"):
-                v = [at[(b, t, a, k)] / at[(names[0], t, a, k)] for k in rounds if (b, t, a, k) in at and (names[0], t, a, k) in at]
+            for a, f in (("tern (tract)", "tern (tract)"), ("tract kernels only", "tract kernels only"), ("tern int8 ops", "tern (tract)")):
+                v = [at[(b, t, a, k)] / at[(names[0], t, f, k)] for k in rounds if (b, t, a, k) in at and (names[0], t, f, k) in at]
                 if v:
-                    print(f"  {a}: {b} / {names[0]} @ {t} thread(s) = {statistics.median(v):.2f} [{min(v):.2f}–{max(v):.2f}]")
+                    print(f"  {a}: {b} / {f}: {names[0]} @ {t} thread(s) = {statistics.median(v):.2f} [{min(v):.2f}–{max(v):.2f}]")
 print("\nratios (p50 latency" + (", last round" if len(rounds) > 1 else "") + "):")
-tern = {(r["bundle"], r["threads"]): r for r in rows if r["runtime"].startswith("tern")}
+tern = {(r["bundle"], r["threads"]): r for r in rows if r["runtime"] == "tern (tract)"}
 own = {(r["bundle"], r["threads"]): r for r in rows if r["runtime"] == "tract kernels only"}
 ort = {(r["bundle"], r["threads"]): r for r in rows if r["runtime"].startswith("onnxruntime")}
 for (b, t), r in tern.items():
