@@ -40,6 +40,8 @@ root=$PWD
 
 target=aarch64-unknown-linux-gnu
 target_dir=${TERN_CROSS_TARGET_DIR:-target/cross}
+# Relative to the repository root: the runs below name "$root/..."
+case $target_dir in /*) target_dir=$(realpath --relative-to="$root" "$target_dir") ;; esac
 samples=${TERN_SAMPLES:-data/samples}
 tol=${TERN_CROSS_TOL:-1e-4}
 sysroot=/usr/aarch64-linux-gnu
