@@ -20,7 +20,9 @@ use tern_model_format::validate::{self, Limits};
 use tern_model_format::Bundle;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::konst::Const;
-use tract_onnx::tract_core::tract_linalg::multithread::{multithread_tract_scope, Executor};
+use tract_onnx::tract_core::tract_linalg::multithread::Executor;
+
+use crate::threads;
 
 /// The raw outputs of one inference.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,7 +161,7 @@ impl LoadOptions {
     }
 
     /// tract's executor for [`LoadOptions::threads`]; a plan runs on it
-    /// inside `tract_linalg::multithread::multithread_tract_scope`.
+    /// inside [`crate::threads::scope`].
     pub fn executor(&self) -> Result<Executor> {
         match self.threads {
             0 => bail!("threads must be at least 1"),
@@ -397,7 +399,7 @@ impl Classifier {
             bail!("this plan panicked in an earlier inference and could not be restarted; load the bundle again");
         };
         let executor = self.executor.clone();
-        let out = catch_unwind(AssertUnwindSafe(|| multithread_tract_scope(executor, || state.run(tvec!(tensor.into())))));
+        let out = catch_unwind(AssertUnwindSafe(|| threads::scope(&executor, || state.run(tvec!(tensor.into())))));
         let out = match out {
             Ok(r) => r?,
             Err(p) => {

@@ -28,5 +28,6 @@ pub mod npy;
 pub mod perf;
 pub mod fused;
 pub mod int8;
+pub mod threads;
 
 pub use engine::{Classifier, Kernels, LoadOptions, Output, Ranked};

@@ -11,7 +11,6 @@ use tern_model_format::{onnx, Bundle};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::OpState;
 use tract_onnx::tract_core::plan::{eval, EvalContext};
-use tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope;
 
 use crate::engine::{optimized_model, LoadOptions};
 
@@ -186,7 +185,7 @@ pub fn profile(bundle_path: &Path, options: &LoadOptions, input: &[f32], iters: 
             }
             r
         };
-        multithread_tract_scope(executor.clone(), || state.run_plan_with_eval(tvec!(tensor.clone()), &mut timer))?;
+        crate::threads::scope(&executor, || state.run_plan_with_eval(tvec!(tensor.clone()), &mut timer))?;
     }
     let graph = plan.model();
     let per_run = |d: Duration| d.as_secs_f64() * 1e3 / iters.max(1) as f64;
