@@ -131,22 +131,97 @@ unsafe fn tile<const R: usize, const P: usize, T: Taps>(t: &Tile<ROWS>, taps: T)
             }
             return;
         }
-        // Channel-first output: through a buffer, one output channel (R
-        // contiguous positions) at a time.
-        let mut tmp = [[[0f32; NR]; P]; R];
+        // Channel-first output (positions contiguous, `yp` = 1): each panel's
+        // R × 16 block transposed in registers, then one masked vector of R
+        // positions per output channel.
+        // (Through a buffer on the stack: indexing the accumulators by
+        // position here would make the compiler keep them in memory during
+        // the products.)
+        let mut tmp = [[[0f32; NR]; P]; 16];
         for (r, a) in acc.iter().enumerate() {
             for (j, v) in a.iter().enumerate() {
                 _mm512_storeu_ps(tmp[r][j].as_mut_ptr(), *v);
             }
         }
-        for o in 0..t.width {
-            for (r, row) in tmp.iter().enumerate() {
-                let at = r * t.yp + o * t.yc;
-                let mut v = row[o / NR][o % NR];
+        let rows: __mmask16 = ((1u32 << R) - 1) as __mmask16;
+        for j in 0..P {
+            let cols = transpose16(std::array::from_fn(|r| _mm512_loadu_ps(tmp[r][j].as_ptr())));
+            let lanes = t.width.saturating_sub(j * NR).min(NR);
+            for (o, &c) in cols.iter().enumerate().take(lanes) {
+                let at = (j * NR + o) * t.yc;
+                let mut v = c;
                 if let Some(p) = t.res {
-                    v += *p.add(at);
+                    v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(rows, p.add(at)));
                 }
-                *t.out.add(at) = v.max(t.clamp.0).min(t.clamp.1);
+                _mm512_mask_storeu_ps(t.out.add(at), rows, _mm512_min_ps(_mm512_max_ps(v, lo), hi));
+            }
+        }
+    }
+}
+
+/// The transpose of a 16 × 16 block: lane `i` of vector `j` becomes lane
+/// `j` of vector `i`.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // Pairs of rows interleaved by 32-bit lanes, then by 64-bit lanes: each
+    // 128-bit lane of `b[i]` holds a 4 × 4 sub-block's column.
+    let mut a = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        a[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let mut b = [_mm512_setzero_ps(); 16];
+    for i in 0..4 {
+        let (lo, hi) = (4 * i, 4 * i + 2);
+        for k in 0..2 {
+            let (x, y) = (_mm512_castps_pd(a[lo + k]), _mm512_castps_pd(a[hi + k]));
+            b[4 * i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(x, y));
+            b[4 * i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(x, y));
+        }
+    }
+    // Then the 128-bit lanes of four row groups, twice.
+    let mut c = [_mm512_setzero_ps(); 16];
+    for g in 0..2 {
+        for k in 0..4 {
+            let (x, y) = (b[8 * g + k], b[8 * g + 4 + k]);
+            c[8 * g + k] = _mm512_shuffle_f32x4::<0x88>(x, y);
+            c[8 * g + 4 + k] = _mm512_shuffle_f32x4::<0xdd>(x, y);
+        }
+    }
+    let mut d = [_mm512_setzero_ps(); 16];
+    for k in 0..8 {
+        d[k] = _mm512_shuffle_f32x4::<0x88>(c[k], c[8 + k]);
+        d[8 + k] = _mm512_shuffle_f32x4::<0xdd>(c[k], c[8 + k]);
+    }
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose16_swaps_rows_and_columns() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
+        let mut got = [[0f32; 16]; 16];
+        // SAFETY: the CPU has AVX-512F (checked above); every load and store
+        // is of 16 values inside `m` or `got`.
+        unsafe {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (i, v) in r.iter_mut().enumerate() {
+                *v = _mm512_loadu_ps(m.as_ptr().add(16 * i));
+            }
+            for (i, v) in transpose16(r).iter().enumerate() {
+                _mm512_storeu_ps(got[i].as_mut_ptr(), *v);
+            }
+        }
+        for (i, row) in got.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                assert_eq!(v, (16 * j + i) as f32, "column {i}, row {j}");
             }
         }
     }
