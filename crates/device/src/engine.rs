@@ -167,6 +167,7 @@ impl LoadOptions {
             0 => bail!("threads must be at least 1"),
             1 => Ok(Executor::SingleThread),
             n => {
+                threads::split_heads();
                 // rayon's pool builder only fails when the OS refuses threads;
                 // tract panics then, which becomes this error.
                 std::panic::catch_unwind(|| Executor::multithread_with_name(n, "tern"))
