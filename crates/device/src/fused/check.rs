@@ -153,7 +153,15 @@ pub(super) fn conv(spec: Spec, inputs: usize) -> TractResult<()> {
     // `pixels × co` values, and the ranges are the whole op.
     unsafe { op.compute_portable(padded.as_ptr(), rp, portable.as_mut_ptr(), (0, pixels), (0, co.div_ceil(NR))) };
     let tol = 1e-5 * (ci as f32).sqrt() * 4.0;
-    compare(&format!("{spec:?}"), &got, &portable, &want, tol)
+    compare(&format!("{spec:?}"), &got, &portable, &want, tol)?;
+    // On a CPU with AVX-512 the op ran that kernel: the AVX2 one (what an
+    // AVX2-only CPU runs) is checked too.
+    let mut avx2 = vec![f32::NAN; pixels * co];
+    // SAFETY: as for `compute_portable` above.
+    if unsafe { op.compute_avx2(padded.as_ptr(), rp, avx2.as_mut_ptr(), (0, pixels), (0, co.div_ceil(NR))) } {
+        compare(&format!("{spec:?} (AVX2 kernel)"), &avx2, &portable, &want, tol)?;
+    }
+    Ok(())
 }
 
 /// Depthwise convolutions: strides, padding on every side, borders,

@@ -81,10 +81,16 @@ fn has_kernel() -> bool {
     }
 }
 
+/// Whether the convolutions run the AVX-512 kernel: where the CPU has
+/// AVX-512F, unless `TERN_FUSED_X86=avx2` asks for the AVX2 one (to measure
+/// on one machine what an AVX2-only CPU such as Zen 3 runs).
 fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        is_x86_feature_detected!("avx512f")
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| {
+            is_x86_feature_detected!("avx512f") && std::env::var("TERN_FUSED_X86").as_deref() != Ok("avx2")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

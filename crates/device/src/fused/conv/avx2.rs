@@ -100,22 +100,118 @@ unsafe fn tile<const R: usize, T: Taps>(t: &Tile<MR>, taps: T) {
             }
             return;
         }
-        // Channel-first output or a partial panel: through a buffer, one
-        // output channel at a time (R contiguous positions each when
-        // channel-first).
-        let mut tmp = [[0f32; NR]; R];
+        // Through a buffer: indexing the accumulators by position below
+        // would make the compiler keep them in memory during the products.
+        let mut tmp = [[0f32; NR]; 8];
         for r in 0..R {
             _mm256_storeu_ps(tmp[r].as_mut_ptr(), a0[r]);
             _mm256_storeu_ps(tmp[r].as_mut_ptr().add(8), a1[r]);
         }
+        if !t.channel_last {
+            // Channel-first output (positions contiguous, `yp` = 1): each
+            // half panel's 8 × 8 block (rows past R zero) transposed, then
+            // one masked vector of R positions per output channel.
+            let rows = _mm256_loadu_si256(ROW_MASKS[R].as_ptr() as *const __m256i);
+            for half in 0..2 {
+                let cols = transpose8(std::array::from_fn(|r| _mm256_loadu_ps(tmp[r].as_ptr().add(8 * half))));
+                let lanes = t.width.saturating_sub(8 * half).min(8);
+                for (o, &c) in cols.iter().enumerate().take(lanes) {
+                    let at = (8 * half + o) * t.yc;
+                    let mut v = c;
+                    if let Some(p) = t.res {
+                        v = _mm256_add_ps(v, _mm256_maskload_ps(p.add(at), rows));
+                    }
+                    let v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+                    if R == 6 {
+                        // A whole tile: two plain stores (a masked store is
+                        // slow on some AMD cores).
+                        _mm_storeu_ps(t.out.add(at), _mm256_castps256_ps128(v));
+                        _mm_store_sd(t.out.add(at + 4) as *mut f64, _mm_castps_pd(_mm256_extractf128_ps::<1>(v)));
+                    } else {
+                        _mm256_maskstore_ps(t.out.add(at), rows, v);
+                    }
+                }
+            }
+            return;
+        }
+        // A partial channel-last panel: one output channel at a time.
         for j in 0..t.width {
-            for (r, row) in tmp.iter().enumerate() {
+            for (r, row) in tmp.iter().enumerate().take(R) {
                 let at = r * t.yp + j * t.yc;
                 let mut v = row[j];
                 if let Some(p) = t.res {
                     v += *p.add(at);
                 }
                 *t.out.add(at) = v.max(t.clamp.0).min(t.clamp.1);
+            }
+        }
+    }
+}
+
+/// Lane masks of the first `R` of 8 lanes, by `R`.
+const ROW_MASKS: [[i32; 8]; 9] = {
+    let mut m = [[0; 8]; 9];
+    let mut r = 0;
+    while r <= 8 {
+        let mut l = 0;
+        while l < r {
+            m[r][l] = -1;
+            l += 1;
+        }
+        r += 1;
+    }
+    m
+};
+
+/// The transpose of an 8 × 8 block: lane `i` of vector `j` becomes lane
+/// `j` of vector `i`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    let mut a = [_mm256_setzero_ps(); 8];
+    for i in 0..4 {
+        a[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // Within each 128-bit lane, a 4 × 4 sub-block's columns.
+    let mut b = [_mm256_setzero_ps(); 8];
+    for g in 0..2 {
+        let (x0, x1, y0, y1) = (a[4 * g], a[4 * g + 1], a[4 * g + 2], a[4 * g + 3]);
+        b[4 * g] = _mm256_shuffle_ps::<0x44>(x0, y0);
+        b[4 * g + 1] = _mm256_shuffle_ps::<0xee>(x0, y0);
+        b[4 * g + 2] = _mm256_shuffle_ps::<0x44>(x1, y1);
+        b[4 * g + 3] = _mm256_shuffle_ps::<0xee>(x1, y1);
+    }
+    let mut c = [_mm256_setzero_ps(); 8];
+    for k in 0..4 {
+        c[k] = _mm256_permute2f128_ps::<0x20>(b[k], b[4 + k]);
+        c[4 + k] = _mm256_permute2f128_ps::<0x31>(b[k], b[4 + k]);
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose8_swaps_rows_and_columns() {
+        if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let m: Vec<f32> = (0..64).map(|i| i as f32).collect();
+        let mut got = [[0f32; 8]; 8];
+        // SAFETY: the CPU has AVX2 and FMA (checked above); every load and
+        // store is of 8 values inside `m` or `got`.
+        unsafe {
+            let r = std::array::from_fn(|i| _mm256_loadu_ps(m.as_ptr().add(8 * i)));
+            for (i, v) in transpose8(r).iter().enumerate() {
+                _mm256_storeu_ps(got[i].as_mut_ptr(), *v);
+            }
+        }
+        for (i, row) in got.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                assert_eq!(v, (8 * j + i) as f32, "column {i}, row {j}");
             }
         }
     }

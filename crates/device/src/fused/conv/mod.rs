@@ -295,6 +295,23 @@ impl FusedConv {
         }
     }
 
+    /// [`FusedConv::compute`] by the AVX2 + FMA kernel whatever else the CPU
+    /// has (to check it on CPUs that run the AVX-512 one); `false`, and
+    /// nothing written, where the CPU lacks AVX2 or FMA.
+    ///
+    /// # Safety
+    /// As [`FusedConv::compute`].
+    pub(super) unsafe fn compute_avx2(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, p: (usize, usize), q: (usize, usize)) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if has_kernel() {
+            // SAFETY: as this function's; the CPU has AVX2 and FMA.
+            unsafe { avx2::run(self, x, residual, out, p, q) };
+            return true;
+        }
+        let _ = (x, residual, out, p, q);
+        false
+    }
+
     /// The same arithmetic without SIMD: the reference for the tests, and
     /// what runs on a CPU without AVX2 (where [`rewrite`] leaves tract's op).
     ///
