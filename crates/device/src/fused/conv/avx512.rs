@@ -8,6 +8,12 @@ use super::{FusedConv, Input, Strided, Table, Taps, Tile, BLOCK_BYTES, NR};
 
 /// Positions of one tile.
 const ROWS: usize = 12;
+/// Positions of one tile of a full convolution. With 12, LLVM hoists the
+/// 12 broadcasts of a step above its products (the tap table's offset load
+/// comes first) and, 12 + 24 accumulators + 2 weight vectors being more
+/// than 32 registers, keeps accumulators in memory inside the loop (seen in
+/// the disassembly); 8 positions leave room for all of them.
+const PATCH_ROWS: usize = 8;
 
 /// Computes pixels `p.0..p.1`, panels `q.0..q.1`.
 ///
@@ -27,9 +33,11 @@ pub(super) unsafe fn run(
         match &op.input {
             Input::Pointwise(layout) => {
                 let (xp, xc) = layout.strides(op.pixels, op.ci);
-                blocks(op, |p| x.add(p * xp), Strided(xc), residual, out, p, q)
+                blocks::<ROWS, _>(op, |p| x.add(p * xp), Strided(xc), residual, out, p, q)
             }
-            Input::Patches(g) => blocks(op, |p| x.add(g.origin(p)), Table(op.taps.as_ptr()), residual, out, p, q),
+            Input::Patches(g) => {
+                blocks::<PATCH_ROWS, _>(op, |p| x.add(g.origin(p)), Table(op.taps.as_ptr()), residual, out, p, q)
+            }
         }
     }
 }
@@ -39,7 +47,7 @@ pub(super) unsafe fn run(
 /// `p`'s values start.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn blocks<T: Taps>(
+unsafe fn blocks<const N: usize, T: Taps>(
     op: &FusedConv,
     row: impl Fn(usize) -> *const f32,
     taps: T,
@@ -48,7 +56,7 @@ unsafe fn blocks<T: Taps>(
     (p0, p1): (usize, usize),
     (q0, q1): (usize, usize),
 ) {
-    let block = ((BLOCK_BYTES / (4 * op.ci)) / ROWS * ROWS).max(ROWS);
+    let block = ((BLOCK_BYTES / (4 * op.ci)) / N * N).max(N);
     let mut b0 = p0;
     while b0 < p1 {
         let b1 = p1.min(b0 + block);
@@ -57,23 +65,23 @@ unsafe fn blocks<T: Taps>(
             let pair = q + 1 < q1;
             let mut p = b0;
             while p < b1 {
-                let n = (b1 - p).min(ROWS);
+                let n = (b1 - p).min(N);
                 // SAFETY: `q` (and `q + 1` for a pair) < the panel count and
                 // `p + n` ≤ `pixels` (the caller's ranges).
                 unsafe {
-                    let t = Tile::<ROWS>::at(op, &row, residual, out, (p, n), q, if pair { 2 } else { 1 });
+                    let t = Tile::<N>::at(op, &row, residual, out, (p, n), q, if pair { 2 } else { 1 });
                     macro_rules! dispatch {
                         ($($r:literal)*) => {
                             match (n, pair) {
-                                $(($r, true) => tile::<$r, 2, T>(&t, taps),
-                                  ($r, false) => tile::<$r, 1, T>(&t, taps),)*
+                                $(($r, true) if $r <= N => tile::<$r, 2, N, T>(&t, taps),
+                                  ($r, false) if $r <= N => tile::<$r, 1, N, T>(&t, taps),)*
                                 _ => {}
                             }
                         };
                     }
                     dispatch!(1 2 3 4 5 6 7 8 9 10 11 12);
                 }
-                p += ROWS;
+                p += N;
             }
             q += if pair { 2 } else { 1 };
         }
@@ -89,7 +97,7 @@ unsafe fn blocks<T: Taps>(
 /// positions of `t.width` channels; the CPU has AVX-512F.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn tile<const R: usize, const P: usize, T: Taps>(t: &Tile<ROWS>, taps: T) {
+unsafe fn tile<const R: usize, const P: usize, const N: usize, T: Taps>(t: &Tile<N>, taps: T) {
     // SAFETY: as this function's.
     unsafe {
         let panel = t.ci * NR;
