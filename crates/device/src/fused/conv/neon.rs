@@ -115,14 +115,42 @@ unsafe fn tile<const R: usize, T: Taps>(t: &Tile<MR>, taps: T) {
             }
             return;
         }
-        // Channel-first output or a partial panel: through a buffer, one
-        // output channel at a time.
+        // Through a buffer: indexing the accumulators by position below
+        // would make the compiler keep them in memory during the products.
         let mut tmp = [[0f32; NR]; R];
         for (r, a) in acc.iter().enumerate() {
             for (j, v) in a.iter().enumerate() {
                 vst1q_f32(tmp[r].as_mut_ptr().add(4 * j), *v);
             }
         }
+        if !t.channel_last && R == 6 {
+            // A whole tile, channel-first (positions contiguous, `yp` = 1):
+            // per 4 channels, positions 0–3 transposed 4 × 4 and positions
+            // 4–5 interleaved, then 4 + 2 values stored per channel.
+            for j in 0..NR / 4 {
+                let row = |r: usize| vld1q_f32(tmp[r].as_ptr().add(4 * j));
+                let head = transpose4([row(0), row(1), row(2), row(3)]);
+                let (r4, r5) = (row(4), row(5));
+                let pairs = [vzip1q_f32(r4, r5), vzip2q_f32(r4, r5)];
+                for (c, &h) in head.iter().enumerate() {
+                    let o = 4 * j + c;
+                    if o >= t.width {
+                        break;
+                    }
+                    let at = o * t.yc;
+                    let pair = pairs[c / 2];
+                    let (mut h, mut tail) = (h, if c % 2 == 0 { vget_low_f32(pair) } else { vget_high_f32(pair) });
+                    if let Some(p) = t.res {
+                        h = vaddq_f32(h, vld1q_f32(p.add(at)));
+                        tail = vadd_f32(tail, vld1_f32(p.add(at + 4)));
+                    }
+                    vst1q_f32(t.out.add(at), vminnmq_f32(vmaxnmq_f32(h, lo), hi));
+                    vst1_f32(t.out.add(at + 4), vminnm_f32(vmaxnm_f32(tail, vget_low_f32(lo)), vget_low_f32(hi)));
+                }
+            }
+            return;
+        }
+        // Otherwise one output channel at a time.
         for j in 0..t.width {
             for (r, row) in tmp.iter().enumerate() {
                 let at = r * t.yp + j * t.yc;
@@ -133,5 +161,19 @@ unsafe fn tile<const R: usize, T: Taps>(t: &Tile<MR>, taps: T) {
                 *t.out.add(at) = v.max(t.clamp.0).min(t.clamp.1);
             }
         }
+    }
+}
+
+/// The transpose of a 4 × 4 block: lane `i` of vector `j` becomes lane `j`
+/// of vector `i`.
+#[inline]
+fn transpose4(r: [float32x4_t; 4]) -> [float32x4_t; 4] {
+    // SAFETY: NEON is in the aarch64 baseline; these only move lanes.
+    unsafe {
+        let (t0, t1) = (vtrn1q_f32(r[0], r[1]), vtrn2q_f32(r[0], r[1]));
+        let (t2, t3) = (vtrn1q_f32(r[2], r[3]), vtrn2q_f32(r[2], r[3]));
+        let d = |x: float32x4_t| vreinterpretq_f64_f32(x);
+        let f = |x: float64x2_t| vreinterpretq_f32_f64(x);
+        [f(vtrn1q_f64(d(t0), d(t2))), f(vtrn1q_f64(d(t1), d(t3))), f(vtrn2q_f64(d(t0), d(t2))), f(vtrn2q_f64(d(t1), d(t3)))]
     }
 }
