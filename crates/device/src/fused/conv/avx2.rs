@@ -199,20 +199,17 @@ mod tests {
         if !(std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")) {
             return;
         }
-        let m: Vec<f32> = (0..64).map(|i| i as f32).collect();
-        let mut got = [[0f32; 8]; 8];
-        // SAFETY: the CPU has AVX2 and FMA (checked above); every load and
-        // store is of 8 values inside `m` or `got`.
-        unsafe {
-            let r = std::array::from_fn(|i| _mm256_loadu_ps(m.as_ptr().add(8 * i)));
-            for (i, v) in transpose8(r).iter().enumerate() {
-                _mm256_storeu_ps(got[i].as_mut_ptr(), *v);
+        super::super::check_transpose(8, |m| {
+            let mut got = vec![0f32; 64];
+            // SAFETY: the CPU has AVX2 and FMA (checked above); every load
+            // and store is of 8 values inside `m` or `got` (64 each).
+            unsafe {
+                let r = std::array::from_fn(|i| _mm256_loadu_ps(m.as_ptr().add(8 * i)));
+                for (i, v) in transpose8(r).iter().enumerate() {
+                    _mm256_storeu_ps(got.as_mut_ptr().add(8 * i), *v);
+                }
             }
-        }
-        for (i, row) in got.iter().enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                assert_eq!(v, (8 * j + i) as f32, "column {i}, row {j}");
-            }
-        }
+            got
+        });
     }
 }

@@ -214,23 +214,17 @@ mod tests {
         if !std::arch::is_x86_feature_detected!("avx512f") {
             return;
         }
-        let m: Vec<f32> = (0..256).map(|i| i as f32).collect();
-        let mut got = [[0f32; 16]; 16];
-        // SAFETY: the CPU has AVX-512F (checked above); every load and store
-        // is of 16 values inside `m` or `got`.
-        unsafe {
-            let mut r = [_mm512_setzero_ps(); 16];
-            for (i, v) in r.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(m.as_ptr().add(16 * i));
+        super::super::check_transpose(16, |m| {
+            let mut got = vec![0f32; 256];
+            // SAFETY: the CPU has AVX-512F (checked above); every load and
+            // store is of 16 values inside `m` or `got` (256 each).
+            unsafe {
+                let r = std::array::from_fn(|i| _mm512_loadu_ps(m.as_ptr().add(16 * i)));
+                for (i, v) in transpose16(r).iter().enumerate() {
+                    _mm512_storeu_ps(got.as_mut_ptr().add(16 * i), *v);
+                }
             }
-            for (i, v) in transpose16(r).iter().enumerate() {
-                _mm512_storeu_ps(got[i].as_mut_ptr(), *v);
-            }
-        }
-        for (i, row) in got.iter().enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                assert_eq!(v, (16 * j + i) as f32, "column {i}, row {j}");
-            }
-        }
+            got
+        });
     }
 }

@@ -508,6 +508,19 @@ impl TypedOp for FusedConv {
     as_op!();
 }
 
+/// Checks `transpose` (an `n × n` block in, its transpose out, both
+/// row-major) on the block 0, 1, 2, …
+#[cfg(all(test, target_arch = "x86_64"))]
+fn check_transpose(n: usize, transpose: impl Fn(&[f32]) -> Vec<f32>) {
+    let m: Vec<f32> = (0..n * n).map(|i| i as f32).collect();
+    let got = transpose(&m);
+    for i in 0..n {
+        for j in 0..n {
+            assert_eq!(got[n * i + j], (n * j + i) as f32, "column {i}, row {j}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::check;
