@@ -176,6 +176,7 @@ pub(super) fn depthwise() -> TractResult<usize> {
         (3, 4, 4, (3, 3), (1, 1), (1, 1), (1, 1)),
         (16, 3, 17, (1, 3), (1, 3), (0, 1), (0, 1)),
         (36, 6, 20, (3, 3), (1, 1), (1, 1), (1, 1)),
+        (8, 9, 21, (3, 3), (2, 1), (1, 1), (1, 1)),
     ];
     let mut n = 0;
     for (c, h, w, kernel, strides, pad, after) in cases {
@@ -198,9 +199,39 @@ pub(super) fn depthwise() -> TractResult<usize> {
             unsafe { op.compute_portable(x.as_ptr(), residual.then_some(r.as_ptr()), portable.as_mut_ptr(), 0, out.0) };
             compare(&format!("{g:?}"), &got, &portable, &want, 2e-5)?;
             n += 1;
+            if strides.1 == 1 {
+                depthwise_planes(&g, (&x, &k, &b, &r), residual, clamp, &want)?;
+                n += 1;
+            }
         }
     }
     Ok(n)
+}
+
+/// One depthwise case channel-first (the channel-last case's values and
+/// expected output, transposed).
+fn depthwise_planes(g: &Geometry, (x, k, b, r): (&[f32], &[f32], &[f32], &[f32]), residual: bool, clamp: (f32, f32), want: &[f32]) -> TractResult<()> {
+    let c = g.c;
+    let planes = |v: &[f32]| -> Vec<f32> {
+        let pixels = v.len() / c;
+        let mut t = vec![0f32; v.len()];
+        for (i, &e) in v.iter().enumerate() {
+            t[(i % c) * pixels + i / c] = e;
+        }
+        t
+    };
+    let (x, r, want) = (planes(x), planes(r), planes(want));
+    let op = FusedDepthwise::new(g.clone(), tvec![c, g.out.0, g.out.1], k, b, residual, clamp)?.channel_first()?;
+    let mut inputs = tvec![Tensor::from_shape(&[c, g.h, g.w], &x)?.into_tvalue()];
+    if residual {
+        inputs.push(Tensor::from_shape(&[c, g.out.0, g.out.1], &r)?.into_tvalue());
+    }
+    let got = op.eval(&EvalContext::out_of_plan(), inputs)?;
+    let got = got[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let mut portable = vec![f32::NAN; want.len()];
+    // SAFETY: `x` holds `c × h × w` values, `portable` and `r` `c × oh × ow`.
+    unsafe { op.planes_portable(x.as_ptr(), residual.then_some(r.as_ptr()), portable.as_mut_ptr()) };
+    compare(&format!("{g:?} channel-first"), &got, &portable, &want, 2e-5)
 }
 
 /// Plain loops over signed coordinates, in f64.

@@ -225,12 +225,15 @@ fn per_channel(bias: &Tensor, co: usize) -> TractResult<Option<Vec<f32>>> {
 }
 
 /// The depthwise convolution `node` is, if [`FusedDepthwise`] takes it:
-/// f32, 2-D, channel-last, one group per channel, no dilation, a batch of
-/// one (or none), constant weights and bias.
+/// f32, 2-D, one group per channel, no dilation, a batch of one (or none),
+/// constant weights and bias; channel-last, or channel-first with a column
+/// stride of 1 (EfficientNet-Lite0's first depthwise layer, behind the
+/// channel-first stem).
 fn depthwise(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<Option<Found>> {
     let ps = &conv.pool_spec;
     let c = ps.input_channels;
-    if !ps.data_format.c_is_last() || c < 2 || conv.group != c || ps.output_channels != c {
+    let planes = !ps.data_format.c_is_last();
+    if c < 2 || conv.group != c || ps.output_channels != c || (planes && ps.strides()[1] != 1) {
         return Ok(None);
     }
     let Some(ConvOperands { x, y, weights, bias }) = conv_operands(model, node, conv)? else { return Ok(None) };
@@ -260,7 +263,8 @@ fn depthwise(model: &TypedModel, node: &TypedNode, conv: &Conv) -> TractResult<O
     let shape = out_shape.clone();
     let build: Build = Box::new(move |bias, residual, clamp| {
         let w = weights.try_as_plain_ram()?.as_slice::<f32>()?;
-        Ok(Box::new(FusedDepthwise::new(geometry, shape, w, &bias, residual, clamp)?))
+        let op = FusedDepthwise::new(geometry, shape, w, &bias, residual, clamp)?;
+        Ok(Box::new(if planes { op.channel_first()? } else { op }))
     });
     Ok(Some(Found { co: c, out_shape, channel_axis, bias, build }))
 }

@@ -2,7 +2,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{FusedDepthwise, LANES};
+use super::{FusedDepthwise, PlaneRow, LANES};
 
 /// Output positions of one row computed together in the interior (every
 /// tap inside the input): each kernel vector is loaded once for them all.
@@ -179,6 +179,61 @@ unsafe fn single<const NB: usize, const FULL: bool>(
         let at = (oy * g.out.1 + ox) * c + ch;
         for (v, a) in acc.iter().enumerate() {
             store::<FULL>(op, res, out, at + v * LANES, mask, *a);
+        }
+    }
+}
+
+/// One channel-first output row: 32 columns at a time (four independent
+/// sums a tap, against the FMA's latency), then 8, then one at a time;
+/// the residual and the clamp before the one store.
+///
+/// # Safety
+/// `r`'s pointers hold what [`PlaneRow`] says; the CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn plane_row(r: &PlaneRow) {
+    // SAFETY: as this function's; each call covers columns below `ow`.
+    unsafe {
+        let mut x = 0;
+        while x + 32 <= r.ow {
+            plane_columns::<4>(r, x);
+            x += 32;
+        }
+        while x + 8 <= r.ow {
+            plane_columns::<1>(r, x);
+            x += 8;
+        }
+        r.tail(x);
+    }
+}
+
+/// Columns `x..x + 8·V` of a channel-first output row.
+///
+/// # Safety
+/// As [`plane_row`], and `x + 8·V ≤ ow`: every load reads row `ky` < kh of
+/// `wp` = ow + kw − 1 values at a column below `x + 8·V + kw − 1`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn plane_columns<const V: usize>(r: &PlaneRow, x: usize) {
+    // SAFETY: as this function's.
+    unsafe {
+        let (kh, kw) = r.kernel;
+        let mut a = [_mm256_set1_ps(r.bias); V];
+        for ky in 0..kh {
+            let row = r.src.add(ky * r.wp + x);
+            for kx in 0..kw {
+                let w = _mm256_broadcast_ss(&*r.taps.add(ky * kw + kx));
+                for (j, v) in a.iter_mut().enumerate() {
+                    *v = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(kx + 8 * j)), w, *v);
+                }
+            }
+        }
+        let (lo, hi) = (_mm256_set1_ps(r.clamp.0), _mm256_set1_ps(r.clamp.1));
+        for (j, v) in a.iter().enumerate() {
+            let mut v = *v;
+            if let Some(p) = r.res {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(p.add(x + 8 * j)));
+            }
+            _mm256_storeu_ps(r.dst.add(x + 8 * j), _mm256_min_ps(_mm256_max_ps(v, lo), hi));
         }
     }
 }

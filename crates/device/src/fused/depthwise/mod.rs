@@ -75,6 +75,47 @@ pub struct FusedDepthwise {
     bias: Arc<Vec<f32>>,
     residual: bool,
     clamp: (f32, f32),
+    /// Channel-first data (`c × h × w` in, `c × oh × ow` out) instead of
+    /// channel-last.
+    planes: bool,
+}
+
+/// One output row of a channel-first plane, for the row kernels: `src`
+/// is the top-left of the `kh` rows of the zero-padded plane it reads
+/// (`wp` = `ow + kw − 1` values each, so every tap of every column is
+/// there), `taps` the channel's `kh × kw` kernel.
+pub(super) struct PlaneRow {
+    pub(super) src: *const f32,
+    pub(super) wp: usize,
+    pub(super) taps: *const f32,
+    pub(super) kernel: (usize, usize),
+    pub(super) bias: f32,
+    pub(super) clamp: (f32, f32),
+    /// The residual's row, as `dst`.
+    pub(super) res: Option<*const f32>,
+    pub(super) dst: *mut f32,
+    pub(super) ow: usize,
+}
+
+impl PlaneRow {
+    /// Output columns `x0..ow`, one at a time.
+    ///
+    /// # Safety
+    /// The pointers hold what [`PlaneRow`] says.
+    pub(super) unsafe fn tail(&self, x0: usize) {
+        let (kh, kw) = self.kernel;
+        for x in x0..self.ow {
+            let mut a = self.bias;
+            for ky in 0..kh {
+                for kx in 0..kw {
+                    // SAFETY: row `ky` < kh of `wp` values, column `x + kx` < `ow + kw − 1`; tap `ky·kw + kx` < kh·kw.
+                    a = unsafe { (*self.src.add(ky * self.wp + x + kx)).mul_add(*self.taps.add(ky * kw + kx), a) };
+                }
+            }
+            // SAFETY: column `x` < ow of the output row (and the residual's).
+            unsafe { *self.dst.add(x) = super::finish(a, self.res, x, self.clamp) };
+        }
+    }
 }
 
 // The clamp bounds are never NaN (checked in `new`), so equality is an
@@ -83,7 +124,8 @@ impl Eq for FusedDepthwise {}
 
 impl std::fmt::Debug for FusedDepthwise {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FusedDepthwise({:?}, residual: {}, clamp: {:?})", self.geometry, self.residual, self.clamp)
+        let layout = if self.planes { "channel-first" } else { "channel-last" };
+        write!(f, "FusedDepthwise({:?}, {layout}, residual: {}, clamp: {:?})", self.geometry, self.residual, self.clamp)
     }
 }
 
@@ -127,7 +169,99 @@ impl FusedDepthwise {
             bias: Arc::new(padded),
             residual,
             clamp,
+            planes: false,
         })
+    }
+
+    /// The same convolution over channel-first data: input `c × h × w`,
+    /// output (and residual) `c × oh × ow`, one channel plane at a time.
+    /// Only with a column stride of 1 (the row kernels read runs of
+    /// columns).
+    pub fn channel_first(self) -> TractResult<FusedDepthwise> {
+        ensure!(self.geometry.strides.1 == 1, "{self:?}: channel-first needs a column stride of 1");
+        Ok(FusedDepthwise { planes: true, ..self })
+    }
+
+    /// Computes the output planes of channels `c0..c1` (channel-first):
+    /// each input plane copied once into a zero-padded buffer, then each
+    /// output row by the CPU's row kernel.
+    ///
+    /// # Safety
+    /// `x` holds `c × h × w` values, `out` (and `residual`) `c × oh × ow`;
+    /// `c0 ≤ c1 ≤ c`; no other thread writes these planes.
+    unsafe fn compute_planes(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32, c0: usize, c1: usize, portable: bool) {
+        let g = &self.geometry;
+        let ((oh, ow), (kh, kw)) = (g.out, g.kernel);
+        let cp = self.bias.len();
+        let (wp, hp) = (ow + kw - 1, (oh - 1) * g.strides.0 + kh);
+        let mut padded = vec![0f32; wp * hp];
+        let mut taps = vec![0f32; kh * kw];
+        for c in c0..c1 {
+            // SAFETY: plane `c` < channels of the `c × h × w` input.
+            let plane = unsafe { std::slice::from_raw_parts(x.add(c * g.h * g.w), g.h * g.w) };
+            for (iy, row) in plane.chunks_exact(g.w).enumerate() {
+                let py = iy + g.pad.0;
+                if py < hp {
+                    // Columns past the output's reach are never read.
+                    let n = g.w.min(wp - g.pad.1);
+                    padded[py * wp + g.pad.1..][..n].copy_from_slice(&row[..n]);
+                }
+            }
+            for (t, v) in taps.iter_mut().enumerate() {
+                *v = self.packed[t * cp + c];
+            }
+            for oy in 0..oh {
+                let at = (c * oh + oy) * ow;
+                let r = PlaneRow {
+                    src: padded[oy * g.strides.0 * wp..].as_ptr(),
+                    wp,
+                    taps: taps.as_ptr(),
+                    kernel: (kh, kw),
+                    bias: self.bias[c],
+                    clamp: self.clamp,
+                    // SAFETY: row `oy` of plane `c` lies in the output and the residual (`c × oh × ow` values).
+                    res: residual.map(|p| unsafe { p.add(at) }),
+                    // SAFETY: as `res`.
+                    dst: unsafe { out.add(at) },
+                    ow,
+                };
+                // SAFETY: `src` starts `kh` whole rows of `padded` (`hp` rows
+                // of `wp`), `taps` holds kh·kw values, `dst` and `res` `ow`.
+                unsafe { self.plane_row(&r, portable) };
+            }
+        }
+    }
+
+    /// One output row by the CPU's row kernel (or one column at a time).
+    ///
+    /// # Safety
+    /// `r`'s pointers hold what [`PlaneRow`] says.
+    unsafe fn plane_row(&self, r: &PlaneRow, portable: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if !portable && super::has_kernel() {
+            // SAFETY: as this function's; the CPU has AVX2 and FMA.
+            unsafe { avx2::plane_row(r) };
+            return;
+        }
+        #[cfg(target_arch = "aarch64")]
+        if !portable {
+            // SAFETY: as this function's; NEON is in the aarch64 baseline.
+            unsafe { neon::plane_row(r) };
+            return;
+        }
+        let _ = portable;
+        // SAFETY: as this function's.
+        unsafe { r.tail(0) }
+    }
+
+    /// [`FusedDepthwise::compute_planes`] one column at a time (for the
+    /// tests).
+    ///
+    /// # Safety
+    /// As [`FusedDepthwise::compute_planes`].
+    pub(super) unsafe fn planes_portable(&self, x: *const f32, residual: Option<*const f32>, out: *mut f32) {
+        // SAFETY: as this function's, over every channel.
+        unsafe { self.compute_planes(x, residual, out, 0, self.geometry.c, true) }
     }
 
     /// Computes output rows `oy0..oy1`.
@@ -214,6 +348,16 @@ impl EvalOp for FusedDepthwise {
         let mut output = unsafe { Tensor::uninitialized::<f32>(&self.out_shape)? };
         let (x, out) = (xs.as_ptr() as usize, output.as_ptr_mut::<f32>()? as usize);
         let work = g.out.0 * g.out.1 * g.c * g.kernel.0 * g.kernel.1;
+        if self.planes {
+            par_chunks_mut(&mut vec![(); g.c], 1, work, |first, planes| {
+                // SAFETY: the lengths were checked above, and the channel blocks are disjoint.
+                unsafe {
+                    self.compute_planes(x as *const f32, res.map(|r| r as *const f32), out as *mut f32, first, first + planes.len(), false)
+                };
+                Ok(())
+            })?;
+            return Ok(tvec!(output.into_tvalue()));
+        }
         par_chunks_mut(&mut vec![(); g.out.0], 1, work, |first, rows| {
             // SAFETY: the lengths were checked above, and the row blocks are disjoint.
             unsafe {

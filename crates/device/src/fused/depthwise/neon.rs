@@ -6,7 +6,7 @@
 
 use std::arch::aarch64::*;
 
-use super::FusedDepthwise;
+use super::{FusedDepthwise, PlaneRow};
 
 /// Channels of one NEON vector.
 const V: usize = 4;
@@ -205,4 +205,55 @@ unsafe fn scalar(
     let at = (oy * g.out.1 + ox) * c + ch;
     // SAFETY: `at` is inside the output (and residual).
     unsafe { *out.add(at) = super::super::finish(acc, res, at, op.clamp) };
+}
+
+/// One channel-first output row: 16 columns at a time (four vectors), then
+/// 4, then one at a time; the residual and the clamp before the one store.
+///
+/// # Safety
+/// `r`'s pointers hold what [`PlaneRow`] says.
+pub(super) unsafe fn plane_row(r: &PlaneRow) {
+    // SAFETY: every load reads row `ky` < kh of `wp` = ow + kw − 1 values
+    // at column `x + kx + lane` < ow + kw − 1 (x + 16 or x + 4 ≤ ow); the
+    // stores and residual loads stay in the row's `ow` columns.
+    unsafe {
+        let (kh, kw) = r.kernel;
+        let (lo, hi) = (vdupq_n_f32(r.clamp.0), vdupq_n_f32(r.clamp.1));
+        let mut x = 0;
+        while x + 16 <= r.ow {
+            let mut a = [vdupq_n_f32(r.bias); 4];
+            for ky in 0..kh {
+                let row = r.src.add(ky * r.wp + x);
+                for kx in 0..kw {
+                    let w = *r.taps.add(ky * kw + kx);
+                    for (j, v) in a.iter_mut().enumerate() {
+                        *v = vfmaq_n_f32(*v, vld1q_f32(row.add(kx + V * j)), w);
+                    }
+                }
+            }
+            for (j, v) in a.iter().enumerate() {
+                let mut v = *v;
+                if let Some(p) = r.res {
+                    v = vaddq_f32(v, vld1q_f32(p.add(x + V * j)));
+                }
+                vst1q_f32(r.dst.add(x + V * j), vminnmq_f32(vmaxnmq_f32(v, lo), hi));
+            }
+            x += 16;
+        }
+        while x + V <= r.ow {
+            let mut a = vdupq_n_f32(r.bias);
+            for ky in 0..kh {
+                let row = r.src.add(ky * r.wp + x);
+                for kx in 0..kw {
+                    a = vfmaq_n_f32(a, vld1q_f32(row.add(kx)), *r.taps.add(ky * kw + kx));
+                }
+            }
+            if let Some(p) = r.res {
+                a = vaddq_f32(a, vld1q_f32(p.add(x)));
+            }
+            vst1q_f32(r.dst.add(x), vminnmq_f32(vmaxnmq_f32(a, lo), hi));
+            x += V;
+        }
+        r.tail(x);
+    }
 }
