@@ -213,9 +213,9 @@ unsafe fn scalar(
 /// # Safety
 /// `r`'s pointers hold what [`PlaneRow`] says.
 pub(super) unsafe fn plane_row(r: &PlaneRow) {
-    // SAFETY: every load reads row `ky` < kh of `wp` = ow + kw − 1 values
-    // at column `x + kx + lane` < ow + kw − 1 (x + 16 or x + 4 ≤ ow); the
-    // stores and residual loads stay in the row's `ow` columns.
+    // Every load reads row `ky` < kh of `wp` = ow + kw − 1 values at column
+    // `x + kx + lane` < ow + kw − 1 (x + 16 or x + 4 ≤ ow).
+    // SAFETY: as above; the stores and residual loads stay in the row's `ow` columns.
     unsafe {
         let (kh, kw) = r.kernel;
         let (lo, hi) = (vdupq_n_f32(r.clamp.0), vdupq_n_f32(r.clamp.1));
